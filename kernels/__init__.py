@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``avgn_fast.kernels``: one op per file (launcher, reference, registration)."""
