@@ -43,14 +43,23 @@ class Clip:
     def size(self) -> int:
         return self.frames.shape[-1]
 
-    def to_source(self, boxes: torch.Tensor) -> torch.Tensor:
-        """Map (..., 4) boxes (y0, x0, y1, x1) in frame pixels to pixels of the source video."""
+    def _source_transform(self) -> tuple[float, torch.Tensor]:
+        """(scale, offset): frame pixel = source pixel · scale − offset, offset as (y, x, y, x)."""
         h, w = self.source_size
         scale = self.resize_shorter / min(h, w)
-        off_y = (round(h * scale) - self.size) / 2
-        off_x = (round(w * scale) - self.size) / 2
-        offset = torch.tensor([off_y, off_x, off_y, off_x], dtype=torch.float32, device=boxes.device)
-        return (boxes.float() + offset) / scale
+        off_y = (round(h * scale) - self.size) // 2
+        off_x = (round(w * scale) - self.size) // 2
+        return scale, torch.tensor([off_y, off_x, off_y, off_x], dtype=torch.float32)
+
+    def to_source(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Map (..., 4) boxes (y0, x0, y1, x1) in frame pixels to pixels of the source video."""
+        scale, offset = self._source_transform()
+        return (boxes.float() + offset.to(boxes.device)) / scale
+
+    def to_frame(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``to_source``: (..., 4) boxes in source pixels to frame pixels."""
+        scale, offset = self._source_transform()
+        return boxes.float() * scale - offset.to(boxes.device)
 
     def __repr__(self) -> str:
         return (f"Clip(frames={tuple(self.frames.shape)} uint8, mel={tuple(self.mel.shape)}, "

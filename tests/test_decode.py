@@ -1,0 +1,247 @@
+"""Decode paths on real encoded files: frame choice, seeking, rotation, audio, bad inputs, PyAV vs DALI."""
+
+import importlib.util
+import math
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from media import (
+    frame_level,
+    indexed_frames,
+    write_audio_only,
+    write_garbage,
+    write_truncated,
+    write_video,
+)
+
+from avgn_fast.config import AVGNConfig
+from avgn_fast.data.audio import LOG_EPS
+from avgn_fast.data.clip import Clip
+from avgn_fast.data.decode import (
+    DecodeError,
+    DecodeStats,
+    available_backends,
+    decode_clip,
+    decode_clip_for,
+    decode_many,
+    resolve_backend,
+)
+
+HAS_DALI = importlib.util.find_spec("nvidia.dali") is not None
+SILENCE = math.log(LOG_EPS)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    files = {
+        "mp4": write_video(d / "h264_aac.mp4", codec="h264", audio="aac"),
+        "webm": write_video(d / "vp9_opus.webm", codec="vp9", audio="opus", sample_rate=48000, channels=2),
+        "avi": write_video(d / "mjpeg.avi", codec="mjpeg", audio=None),
+        "indexed": write_video(d / "indexed.mp4", frames=indexed_frames(20, (48, 64)), audio=None),
+        "short": write_video(d / "short.webm", codec="vp9", frames=indexed_frames(3, (48, 64)), audio="opus",
+                             sample_rate=16000, seconds=0.3),
+        "odd": write_video(d / "odd.webm", codec="vp9", size=(33, 47), audio="opus", sample_rate=24000),
+        "rot_webm": write_video(d / "rotated.webm", codec="vp9", size=(48, 72), rotate=90, audio="opus",
+                                sample_rate=48000),
+        "mjpeg_mono": write_video(d / "mjpeg_pcm.avi", codec="mjpeg", size=(40, 56), audio=None, seconds=1.0),
+    }
+    files["truncated"] = write_truncated(files["mp4"], d / "truncated.mp4", keep=0.5)
+    files["garbage"] = write_garbage(d / "garbage.mp4")
+    files["empty"] = d / "empty.mp4"
+    files["empty"].write_bytes(b"")
+    files["audio_only"] = write_audio_only(d / "audio_only.m4a")
+    return files
+
+
+def reference_frames(path, times, size, resize_shorter):
+    """Decode every frame in order, show the last one at or before each time, resize, centre-crop."""
+    with av.open(str(path)) as c:
+        decoded = [(f.time, f.to_ndarray(format="rgb24"), f.rotation) for f in c.decode(video=0)]
+    out = []
+    for t in times:
+        _, img, rotation = [d for d in decoded if d[0] <= t][-1]
+        x = torch.from_numpy(np.rot90(img, round(rotation / 90) % 4).copy()).permute(2, 0, 1)[None].float()
+        h, w = x.shape[-2:]
+        scale = resize_shorter / min(h, w)
+        x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True)
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        out.append(x[0, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name, audio", [("mp4", True), ("webm", True), ("avi", False)])
+def test_formats_decode_to_a_clip(media, name, audio):
+    clip = decode_clip(media[name], num_frames=6, size=32, resize_shorter=40)
+    assert isinstance(clip, Clip) and clip.frames.shape == (6, 3, 32, 32) and clip.mel.shape == (6, 64, 100)
+    assert clip.audio_present is audio and clip.source_size == (48, 64) and clip.resize_shorter == 40
+    assert clip.duration == pytest.approx(2.0) and clip.fps == pytest.approx(10.0)
+    torch.testing.assert_close(clip.frame_times, (torch.arange(6, dtype=torch.float64) + 0.5) / 3)
+    times = clip.frame_times.tolist()
+    assert torch.equal(clip.frames, reference_frames(media[name], times, 32, 40))
+    assert bool((clip.mel > SILENCE + 1).any()) is audio
+
+
+def test_sampled_frames_are_segment_midpoints(media):
+    # 20 frames at 10 fps, T=8: t_i = (i + 1/2) * 0.25 s shows frame floor(10 t_i)
+    clip = decode_clip(media["indexed"], num_frames=8, size=32)
+    expected = [math.floor(10 * (i + 0.5) * 0.25) for i in range(8)]
+    levels = clip.frames.float().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(levels, torch.tensor([float(frame_level(j)) for j in expected]), atol=3.0, rtol=0)
+
+
+def test_long_file_is_not_decoded_whole(tmp_path):
+    n, gop = 600, 10  # 60 s at 10 fps
+    path = write_video(tmp_path / "long.mp4", frames=indexed_frames(n, (32, 32)), gop=gop, audio="aac",
+                       seconds=60.0, sample_rate=8000)
+    stats = DecodeStats()
+    clip = decode_clip(path, num_frames=4, size=32, sample_rate=8000, n_mels=32, stats=stats)
+    expected = [math.floor(10 * (i + 0.5) * 15) for i in range(4)]
+    torch.testing.assert_close(clip.frames.float().mean(dim=(1, 2, 3)),
+                               torch.tensor([float(frame_level(j)) for j in expected]), atol=3.0, rtol=0)
+    assert stats.video_frames_decoded <= 4 * (gop + 4)
+    total_audio_frames = 60 * 8000 / 1024
+    assert 0 < stats.audio_frames_decoded < total_audio_frames / 4
+    assert clip.audio_present and bool((clip.mel > SILENCE + 1).all(dim=(1, 2)).any())
+
+
+def test_variable_frame_rate(tmp_path):
+    pts = [0.0, 0.05, 0.1, 0.4, 0.45, 1.0, 1.6, 1.65]
+    path = write_video(tmp_path / "vfr.mp4", frames=indexed_frames(8, (48, 64)), pts_s=pts, fps=10, audio=None)
+    clip = decode_clip(path, num_frames=6, size=32)
+    end = pts[-1] + 0.1  # the muxer gives the last frame 1 / fps
+    times = [(i + 0.5) * end / 6 for i in range(6)]
+    expected = [max(j for j, p in enumerate(pts) if p <= t) for t in times]
+    assert clip.duration == pytest.approx(end, abs=1e-3)
+    torch.testing.assert_close(clip.frames.float().mean(dim=(1, 2, 3)),
+                               torch.tensor([float(frame_level(j)) for j in expected]), atol=3.0, rtol=0)
+
+
+@pytest.mark.parametrize("rotate", [90, 180, -90])
+def test_rotation_metadata_is_applied(tmp_path, rotate):
+    frames = np.zeros((4, 48, 72, 3), dtype=np.uint8)
+    frames[:, :24, :36] = 230  # a bright top-left quadrant
+    plain = decode_clip(write_video(tmp_path / "plain.mp4", frames=frames, audio=None), num_frames=2, size=32)
+    turned = decode_clip(write_video(tmp_path / "turned.mp4", frames=frames, audio=None, rotate=rotate),
+                         num_frames=2, size=32)
+    k = round(rotate / 90) % 4
+    assert turned.source_size == ((72, 48) if k % 2 else (48, 72))
+    diff = turned.frames.int() - torch.rot90(plain.frames, k, dims=(2, 3)).int()
+    assert diff.abs().max() <= 1
+
+
+def test_fewer_frames_than_t_repeat_nearest(media):
+    clip = decode_clip(media["short"], num_frames=8, size=32)
+    times = [(i + 0.5) * 0.3 / 8 for i in range(8)]
+    expected = [math.floor(10 * t) for t in times]
+    torch.testing.assert_close(clip.frames.float().mean(dim=(1, 2, 3)),
+                               torch.tensor([float(frame_level(j)) for j in expected]), atol=3.0, rtol=0)
+    assert clip.audio_present
+
+
+@pytest.mark.parametrize("size, seconds", [((33, 47), 1.0), ((1080, 1920), 0.2)])
+def test_odd_and_large_resolutions(tmp_path, size, seconds):
+    path = write_video(tmp_path / "res.mp4" if size[0] % 2 == 0 else tmp_path / "res.webm",
+                       codec="h264" if size[0] % 2 == 0 else "vp9", size=size, seconds=seconds, audio=None)
+    clip = decode_clip(path, num_frames=2, size=32, resize_shorter=36)
+    assert clip.source_size == size and clip.frames.shape == (2, 3, 32, 32)
+    assert torch.equal(clip.frames, reference_frames(path, clip.frame_times.tolist(), 32, 36))
+
+
+def burst_wave(sample_rate, channels, seconds=2.0, start=1.0, stop=1.3):
+    wave = np.zeros((channels, round(seconds * sample_rate)), dtype=np.float32)
+    span = slice(round(start * sample_rate), round(stop * sample_rate))
+    wave[:, span] = np.random.default_rng(0).uniform(-0.5, 0.5, (channels, span.stop - span.start))
+    return wave
+
+
+@pytest.mark.parametrize("codec, sample_rate, channels", [
+    ("aac", 8000, 1), ("aac", 22050, 2), ("aac", 44100, 6), ("aac", 48000, 1), ("opus", 48000, 2),
+    ("opus", 12000, 1),
+])
+def test_audio_windows_are_aligned_for_any_rate_and_layout(tmp_path, codec, sample_rate, channels):
+    suffix = ".webm" if codec == "opus" else ".mp4"
+    path = write_video(tmp_path / f"burst{suffix}", codec="vp9" if codec == "opus" else "h264", audio=codec,
+                       sample_rate=sample_rate, channels=channels, wave=burst_wave(sample_rate, channels))
+    # T=2 over 2 s: windows [0, 1) s (silent but for its end: AAC pre-echo reaches ~50 ms back) and
+    # [1, 2) s (noise in its first 0.3 s)
+    clip = decode_clip(path, num_frames=2, size=32, sample_rate=16000)
+    energy = clip.mel.mean(dim=1)  # (2, 100): mean log-mel per 10 ms step
+    assert clip.audio_present
+    assert (energy[1, 1:29] > SILENCE + 8).all() and (energy[1, 33:] < SILENCE + 2).all()
+    assert (energy[0, :90] < SILENCE + 2).all() and energy[0, -1] > SILENCE + 8
+
+
+def test_no_audio_stream_gives_silence(media):
+    clip = decode_clip(media["avi"], num_frames=4, size=32, n_mels=16)
+    assert not clip.audio_present and torch.equal(clip.mel, torch.full((4, 16, 100), SILENCE))
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("truncated", "Invalid data"), ("garbage", "Invalid data"), ("empty", "empty file"),
+    ("audio_only", "no video stream"), ("missing", "file not found"),
+])
+def test_bad_files_raise_decode_error_naming_the_file(media, tmp_path, name, problem):
+    path = media.get(name, tmp_path / "missing.mp4")
+    with pytest.raises(DecodeError, match=problem) as info:
+        decode_clip(path, num_frames=4, size=32)
+    assert str(path) in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_corrupt_middle_gives_a_result_or_an_error(media, tmp_path):
+    for name in ("mp4", "webm"):
+        data = bytearray(media[name].read_bytes())
+        mid = len(data) // 3
+        data[mid:mid + 2000] = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+        path = tmp_path / f"corrupt_{media[name].name}"
+        path.write_bytes(bytes(data))
+        try:
+            clip = decode_clip(path, num_frames=4, size=32)
+        except DecodeError as e:
+            assert str(path) in str(e)
+        else:
+            assert clip.frames.shape == (4, 3, 32, 32)
+
+
+def test_decode_many_keeps_order_and_reports_errors(media, tmp_path):
+    config = AVGNConfig.from_name("tiny")
+    paths = [media["webm"], tmp_path / "missing.webm", media["garbage"], media["mp4"]]
+    out = decode_many(paths, config, backend="pyav")
+    assert [type(r) for r in out] == [Clip, DecodeError, DecodeError, Clip]
+    assert [r.path for r in out] == [str(p) for p in paths]
+    clip = decode_clip_for(media["webm"], config, backend="pyav")
+    assert clip.frames.shape == (16, 3, 96, 96) and clip.mel.shape == (16, 32, 100)
+    assert torch.equal(clip.frames, out[0].frames) and torch.equal(clip.mel, out[0].mel)
+    with pytest.raises(DecodeError, match="not found"):
+        decode_clip_for(paths[1], config, backend="pyav")
+
+
+def test_backend_resolution():
+    assert "pyav" in available_backends()
+    assert resolve_backend("pyav") == "pyav"
+    assert resolve_backend("auto", "cpu") == "pyav"
+    with pytest.raises(ValueError, match="unknown decode backend"):
+        resolve_backend("ffmpeg")
+    with pytest.raises(ValueError, match="resize_shorter"):
+        decode_clip("x.mp4", num_frames=4, size=32, resize_shorter=16)
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="DALI not installed")
+def test_dali_cpu_agrees_with_pyav(media):
+    """Documented bound: frames mean |diff| <= 2.5 uint8 levels, log-mel max |diff| <= 1e-3."""
+    config = AVGNConfig.from_name("tiny").replace(num_frames=5, frame_size=32, resize_shorter=40, sample_rate=16000)
+    names = ["webm", "odd", "rot_webm", "short", "mjpeg_mono", "mp4", "garbage"]
+    dali = decode_many([media[n] for n in names], config, backend="dali", device="cpu", batch_size=2)
+    pyav = decode_many([media[n] for n in names], config, backend="pyav")
+    for name, d, p in zip(names[:5], dali, pyav):
+        assert isinstance(d, Clip) and d.frames.device.type == "cpu", name
+        assert d.frames.shape == p.frames.shape and d.mel.shape == p.mel.shape, name
+        assert (d.frames.float() - p.frames.float()).abs().mean() <= 2.5, name
+        assert (d.mel - p.mel).abs().max() <= 1e-3, name
+        assert d.audio_present == p.audio_present and d.source_size == p.source_size, name
+        assert torch.equal(d.frame_times, p.frame_times), name
+    assert isinstance(dali[5], DecodeError) and "h264" in str(dali[5])  # CPU DALI decodes VP8/VP9/MJPEG only
+    assert isinstance(dali[6], DecodeError) and str(media["garbage"]) in str(dali[6])
