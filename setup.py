@@ -3,11 +3,9 @@ from setuptools import find_packages, setup
 DEV = [
     "pytest>=8",
     "pytest-benchmark>=4",
-    "triton>=3.2",
     "nvidia-dali-cuda130",
     "onnx",
     "onnxruntime",
-    "matplotlib",
     "ruff",
 ]
 
@@ -20,7 +18,7 @@ setup(
     package_dir={"avgn_fast.kernels": "kernels"},
     # torch is deliberately unpinned: on a CPU machine install the CPU wheel first (see README),
     # so this requirement is already met and pip never fetches a CUDA build.
-    install_requires=["torch>=2.4", "numpy", "av<19", "fvcore", "tqdm"],
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy", "av<19", "fvcore", "tqdm", "matplotlib"],
     extras_require={"dev": DEV, "tensorrt": ["torch-tensorrt"]},
     entry_points={"console_scripts": ["avgn-fast=avgn_fast.cli:main"]},
 )
