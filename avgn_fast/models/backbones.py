@@ -1,0 +1,260 @@
+"""MobileNetV2 and ResNet-18/50 backbones whose state_dicts match torchvision's key for key.
+
+Every backbone returns ``(feature_map, pooled)``: the last feature map (B, C, h, w) and its global
+average (B, C), with ``out_channels == C``. The classifier head (``classifier.1`` / ``fc``) exists
+only so torchvision checkpoints load without renaming; ``forward`` never applies it, and
+``num_classes=0`` builds none.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "MobileNetV2",
+    "ResNet",
+    "load_pretrained",
+    "make_divisible",
+    "mobilenet_v2",
+    "resnet18",
+    "resnet50",
+]
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of ``divisor`` without losing more than 10% (torchvision's rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def _global_pool(x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+class ConvBNReLU6(nn.Sequential):
+    """conv (no bias) → BN → ReLU6; indices 0/1 match torchvision's ``Conv2dNormActivation``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups,
+                      bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class InvertedResidual(nn.Module):
+    """Expand (1×1) → depthwise (3×3) → project (1×1, linear), with a skip when shapes allow."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+        super().__init__()
+        hidden = int(round(in_channels * expand_ratio))
+        self.use_residual = stride == 1 and in_channels == out_channels
+        expand = [ConvBNReLU6(in_channels, hidden, kernel_size=1)] if expand_ratio != 1 else []
+        self.conv = nn.Sequential(
+            *expand,
+            ConvBNReLU6(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+# expansion t, channels c, repeats n, first stride s (MobileNetV2 paper, table 2)
+_MOBILENET_V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                         (6, 320, 1, 1))
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 feature extractor; ``in_channels=1`` for log-mel input."""
+
+    head_prefix = "classifier."
+
+    def __init__(self, width_mult: float = 1.0, in_channels: int = 3, num_classes: int = 1000):
+        super().__init__()
+        if width_mult <= 0 or in_channels < 1 or num_classes < 0:
+            raise ValueError(f"bad MobileNetV2 arguments: {width_mult=} {in_channels=} {num_classes=}")
+        channels = make_divisible(32 * width_mult)
+        self.out_channels = make_divisible(1280 * max(1.0, width_mult))
+        layers: list[nn.Module] = [ConvBNReLU6(in_channels, channels, stride=2)]
+        for t, c, n, s in _MOBILENET_V2_SETTING:
+            out = make_divisible(c * width_mult)
+            for i in range(n):
+                layers.append(InvertedResidual(channels, out, s if i == 0 else 1, t))
+                channels = out
+        layers.append(ConvBNReLU6(channels, self.out_channels, kernel_size=1))
+        self.features = nn.Sequential(*layers)
+        if num_classes > 0:
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.out_channels, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.features(x)
+        return fmap, _global_pool(fmap)
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convs (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1×1 reduce → 3×3 (carries the stride, as torchvision's ResNet v1.5) → 1×1 expand ×4."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor; ``width`` is the stem/first-stage width (64 = torchvision), stages double it."""
+
+    head_prefix = "fc."
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000,
+                 in_channels: int = 3, width: int = 64):
+        super().__init__()
+        if len(layers) != 4 or width < 1 or in_channels < 1 or num_classes < 0:
+            raise ValueError(f"bad ResNet arguments: {layers=} {width=} {in_channels=} {num_classes=}")
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        channels = width
+        for i, blocks in enumerate(layers):
+            planes, stride = width * 2**i, 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or channels != planes * block.expansion:
+                downsample = nn.Sequential(
+                    nn.Conv2d(channels, planes * block.expansion, 1, stride, bias=False),
+                    nn.BatchNorm2d(planes * block.expansion),
+                )
+            stage = [block(channels, planes, stride, downsample)]
+            channels = planes * block.expansion
+            stage += [block(channels, planes) for _ in range(1, blocks)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+        self.out_channels = channels
+        if num_classes > 0:
+            self.fc = nn.Linear(channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        fmap = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return fmap, _global_pool(fmap)
+
+
+def mobilenet_v2(**kwargs) -> MobileNetV2:
+    return MobileNetV2(**kwargs)
+
+
+def resnet18(**kwargs) -> ResNet:
+    return ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
+
+
+def resnet50(**kwargs) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
+
+
+def _listing(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_pretrained(model: MobileNetV2 | ResNet, path_or_state_dict: str | os.PathLike | Mapping, *,
+                    strict: bool = True) -> MobileNetV2 | ResNet:
+    """Load a torchvision-format checkpoint into ``model`` in place and return it.
+
+    Accepts a file path or a state_dict; a dict holding the state_dict under ``state_dict`` or
+    ``model`` is unwrapped. Head keys are dropped when the model has no head; BN
+    ``num_batches_tracked`` counters absent from old checkpoints keep the model's value. Any other
+    missing or unexpected key (only when ``strict``) or any shape mismatch raises ``ValueError``
+    naming the source and the keys.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        source, state = "<state_dict>", path_or_state_dict
+    else:
+        source = os.fspath(path_or_state_dict)
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source}: expected a state_dict, got {type(state).__name__}")
+
+    own = model.state_dict()
+    has_head = any(key.startswith(model.head_prefix) for key in own)
+    state = {k: v for k, v in state.items() if has_head or not k.startswith(model.head_prefix)}
+    for key in own.keys() - state.keys():
+        if key.endswith("num_batches_tracked"):
+            state[key] = own[key]
+    missing = own.keys() - state.keys()
+    unexpected = state.keys() - own.keys()
+    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_listing(mismatched)}")
+    if problems:
+        raise ValueError(f"{source}: cannot load into {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+    return model
