@@ -213,7 +213,9 @@ def test_decode_many_keeps_order_and_reports_errors(media, tmp_path):
     assert [type(r) for r in out] == [Clip, DecodeError, DecodeError, Clip]
     assert [r.path for r in out] == [str(p) for p in paths]
     clip = decode_clip_for(media["webm"], config, backend="pyav")
-    assert clip.frames.shape == (16, 3, 96, 96) and clip.mel.shape == (16, 32, 100)
+    steps = round(config.audio_window_s * 1000 / config.hop_ms)
+    assert clip.frames.shape == (config.num_frames, 3, config.frame_size, config.frame_size)
+    assert clip.mel.shape == (config.num_frames, config.n_mels, steps)
     assert torch.equal(clip.frames, out[0].frames) and torch.equal(clip.mel, out[0].mel)
     with pytest.raises(DecodeError, match="not found"):
         decode_clip_for(paths[1], config, backend="pyav")
