@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from triton.testing import do_bench
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["bench_crop_patches", "bench_av_attention"]
+SECTIONS = ["bench_crop_patches", "bench_av_attention", "bench_e2e"]
 DEVICE = "cuda"
 BATCH = 256
 # (backbone, input size): glance resolutions for MobileNetV2, patch sizes and the full frame for ResNet-50

@@ -300,11 +300,12 @@ def av_attention_ref(
     scale = d**-0.5 if scale is None else scale
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
     if key_padding_mask is not None:
-        # a finite fill keeps fully-masked rows NaN-free in forward and backward; they are zeroed below
-        s = s.masked_fill(key_padding_mask[:, None, None, :], torch.finfo(acc).min)
+        # a finite fill keeps fully-masked rows NaN-free in forward and backward; they are zeroed below.
+        # s.dtype, not acc: under autocast the matmul returns the autocast dtype.
+        s = s.masked_fill(key_padding_mask[:, None, None, :], torch.finfo(s.dtype).min)
     p = torch.softmax(s, dim=-1)
     if key_padding_mask is not None:
-        p = p * (~key_padding_mask.all(dim=-1)).to(acc)[:, None, None, None]
+        p = p * (~key_padding_mask.all(dim=-1)).to(p.dtype)[:, None, None, None]
     out = torch.matmul(p, v.to(acc)).to(q.dtype)
     return (out, p.to(q.dtype)) if return_weights else out
 

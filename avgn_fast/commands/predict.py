@@ -14,6 +14,11 @@ def add_arguments(p) -> None:
                    help="write one PNG per video: kept frames with their patch boxes and the saliency timeline")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
+    p.add_argument("--backend", default="eager",
+                   help="eager (default), inductor (torch.compile), tensorrt, or auto (TensorRT, else inductor on "
+                        "CUDA, else eager)")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="shard over one worker process per device, e.g. 0,1 or cpu,cpu (overrides --device)")
     p.add_argument("--decode", default="auto", help="decode backend: auto (DALI with a GPU), pyav, dali")
     p.add_argument("--batch-size", type=int, default=16, help="videos per model batch (default 16)")
     p.add_argument("--workers", type=int, default=2, help="background decode workers (default 2)")
@@ -23,7 +28,7 @@ def add_arguments(p) -> None:
 
 
 def main(paths, checkpoint, jsonl=None, topk=5, explain=None, device="auto", precision="auto", decode="auto",
-         batch_size=16, workers=2, k=None, exit_threshold=None) -> int:
+         batch_size=16, workers=2, k=None, exit_threshold=None, backend="eager", devices=None) -> int:
     from tqdm import tqdm
 
     from avgn_fast.engine.predictor import Predictor, expand_inputs
@@ -32,7 +37,8 @@ def main(paths, checkpoint, jsonl=None, topk=5, explain=None, device="auto", pre
     if not inputs:
         raise ValueError(f"no video files found in {', '.join(map(str, paths))}")
     predictor = Predictor(checkpoint, device=device, precision=precision, decode_backend=decode,
-                          batch_size=batch_size, num_workers=workers, topk=topk, k=k, exit_threshold=exit_threshold)
+                          batch_size=batch_size, num_workers=workers, topk=topk, k=k, exit_threshold=exit_threshold,
+                          backend=backend, devices=devices)
     out = open(jsonl, "w") if jsonl else None
     failed = 0
     try:

@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 from avgn_fast.data.clip import Clip
+from avgn_fast.engine.backends import precision_name, resolve_precision
+
+__all__ = ["Prediction", "Predictor", "expand_inputs", "resolve_device", "resolve_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +81,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on CUDA and fp32 on CPU; an explicit choice the device can't run is an error."""
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision not in dtypes:
-        raise ValueError(f"precision must be one of auto, {', '.join(dtypes)}; got {precision!r}")
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
-    return dtypes[precision]
-
-
 class Predictor:
     """Classify videos with a trained AVGN: ``Predictor("run/best.pt").predict(["a.mp4", "b.webm"])``.
 
@@ -97,32 +88,51 @@ class Predictor:
     or ``Clip``s in, a list of ``Prediction``s out, same length and order), ``predict_iter`` streams
     with memory bounded by ``batch_size · (num_workers + 1)`` decoded clips. A file that can't be
     decoded gives a Prediction with ``error`` set; the rest of the batch is unaffected.
+
+    ``backend`` (eager | inductor | tensorrt | auto) and ``precision`` choose how the model runs
+    (``engine.GlanceEngine``: compiled stages, batched early exit); ``devices=[0, 1, …]`` shards the
+    inputs across one worker process per device (``engine.multi_device``), results in input order.
     """
 
     def __init__(self, model_or_checkpoint, *, device: str = "auto", precision: str = "auto",
                  decode_backend: str = "auto", batch_size: int = 16, num_workers: int = 2, topk: int = 5,
-                 k: int | None = None, exit_threshold: float | None = None):
+                 k: int | None = None, exit_threshold: float | None = None, backend: str = "eager",
+                 devices: list[int | str] | None = None):
         from avgn_fast.checkpoint import load
         from avgn_fast.data.decode import resolve_backend
+        from avgn_fast.engine.early_exit import GlanceEngine
+        from avgn_fast.engine.multi_device import DevicePool, parse_devices
 
         if batch_size < 1 or num_workers < 0 or topk < 1:
             raise ValueError(f"need batch_size ≥ 1, num_workers ≥ 0, topk ≥ 1; got {batch_size=} {num_workers=} "
                              f"{topk=}")
-        self.device = resolve_device(device)
+        devices = parse_devices(devices) if devices is not None else None
+        self.device = resolve_device(devices[0] if devices else device)
         self.dtype = resolve_precision(precision, self.device)
         if isinstance(model_or_checkpoint, (str, os.PathLike)):
             model = load(model_or_checkpoint)
         else:
             model = model_or_checkpoint
-        self.model = model.to(self.device).eval()
         self.config = model.config
         self.class_names = list(getattr(model, "class_names", None) or
                                 [str(i) for i in range(self.config.num_classes)])
         self.decode_backend = resolve_backend(decode_backend, self.device)
         self.batch_size, self.num_workers, self.topk = batch_size, num_workers, min(topk, len(self.class_names))
         self.k, self.exit_threshold = k, exit_threshold
-        log.info("Predictor: device=%s precision=%s decode=%s batch_size=%d workers=%d", self.device,
-                 str(self.dtype).removeprefix("torch."), self.decode_backend, batch_size, num_workers)
+        self.pool = self.engine = None
+        if devices is not None and len(devices) > 1:
+            # every worker builds its own Predictor on its device; this process only hands out inputs
+            settings = dict(precision=precision, decode_backend=decode_backend, batch_size=batch_size,
+                            num_workers=num_workers, topk=topk, k=k, exit_threshold=exit_threshold, backend=backend)
+            self.pool = DevicePool(model_or_checkpoint, devices, settings)
+            self.model = model.eval()
+            log.info("Predictor: devices=%s backend=%s batch_size=%d", ",".join(devices), backend, batch_size)
+            return
+        self.model = model.to(self.device).eval()
+        self.engine = GlanceEngine(self.model, backend=backend, precision=precision_name(self.dtype),
+                                   device=self.device, max_batch=batch_size, k=k)
+        log.info("Predictor: device=%s backend=%s precision=%s decode=%s batch_size=%d workers=%d", self.device,
+                 self.engine.backend, precision_name(self.dtype), self.decode_backend, batch_size, num_workers)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -132,6 +142,9 @@ class Predictor:
     def predict_iter(self, items: Iterable[str | os.PathLike | Clip], *,
                      explain_dir: str | os.PathLike | None = None) -> Iterator[Prediction]:
         """Yield one Prediction per input, in input order, while later inputs decode in the background."""
+        if self.pool is not None:
+            yield from self.pool.predict_iter(items, explain_dir)
+            return
         with ThreadPoolExecutor(max(self.num_workers, 1), thread_name_prefix="avgn-decode") as pool:
             pending = deque()
             for start, chunk in _chunked(items, self.batch_size):
@@ -173,10 +186,7 @@ class Predictor:
         frames = torch.stack([c.frames for c in clips]).to(self.device, non_blocking=True)
         mel = torch.stack([c.mel for c in clips]).to(self.device, torch.float32, non_blocking=True)
         present = torch.tensor([c.audio_present for c in clips], device=self.device)
-        autocast = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
-            return self.model.glance(frames, mel, audio_present=present, k=self.k,
-                                     exit_threshold=self.exit_threshold)
+        return self.engine(frames, mel, present, exit_threshold=self.exit_threshold)
 
     def _prediction(self, path, clip: Clip, result, j: int) -> Prediction:
         probs = result.final_logits[j].float().softmax(-1).cpu()
