@@ -12,6 +12,14 @@ import sys
 
 COMMANDS = {
     "flops": "GFLOPs per component and per video for a configuration",
+    "synth": "write the AVSynth audio-visual benchmark (encoded videos + labels.csv)",
+    "predict": "classify video files with a trained checkpoint",
+    "train": "train an AVGN (or a baseline) on a folder dataset",
+    "eval": "top-1, mAP and GFLOPs per video of a checkpoint on a folder dataset",
+    "pareto": "accuracy-vs-GFLOPs sweep of a checkpoint and its baselines: csv, json, md table and plot",
+    "demo": "synthesize AVSynth, train AVGN and its baselines, and plot their accuracy-vs-GFLOPs curve",
+    "profile": "throughput per backend, precision and batch size: videos/s, latency, ms per stage, TFLOP/s",
+    "export": "export a checkpoint's inference stages: torch.export programs, ONNX graphs or TensorRT engines",
 }
 
 

@@ -32,12 +32,14 @@ class AVGNConfig:
     # glance encoders (MobileNetV2)
     glance_width: float = 1.0
     audio_width: float = 1.0
+    glance_token_stride: int = 32  # stride of the glance-map stage whose positions AESPA attends over
     # AV-TeST
     avtest_layers: int = 2
     avtest_dim: int = 256
     avtest_heads: int = 4
     k: int = 8  # frames kept
     # AESPA + policy
+    aespa_dim: int = 256
     aespa_heads: int = 4
     patch_size: int = 128  # P
     # local encoder
@@ -61,6 +63,8 @@ class AVGNConfig:
             raise ValueError(f"temporal must be 'avtest' or 'uniform', got {self.temporal!r}")
         if self.spatial not in ("policy", "center", "random"):
             raise ValueError(f"spatial must be 'policy', 'center' or 'random', got {self.spatial!r}")
+        if self.glance_token_stride not in (8, 16, 32):
+            raise ValueError(f"glance_token_stride must be 8, 16 or 32, got {self.glance_token_stride}")
         if self.local_arch not in ("resnet18", "resnet50"):
             raise ValueError(f"local_arch must be 'resnet18' or 'resnet50', got {self.local_arch!r}")
 
@@ -129,15 +133,18 @@ CONFIGS: dict[str, AVGNConfig] = {
         resize_shorter=96,
         glance_size=32,
         sample_rate=8000,
-        n_mels=32,
+        audio_window_s=0.25,  # the 4 s clip's T=16 frames are 0.25 s apart: each window hears its own frame
+        n_mels=16,
         glance_width=0.25,
-        audio_width=0.25,
+        audio_width=0.5,
+        glance_token_stride=8,
         avtest_layers=1,
         avtest_dim=64,
         avtest_heads=2,
         k=4,
+        aespa_dim=64,
         aespa_heads=2,
-        patch_size=32,
+        patch_size=48,
         local_arch="resnet18",
         local_width=16,
         fusion_dim=128,

@@ -234,7 +234,8 @@ def test_backend_resolution():
 @pytest.mark.skipif(not HAS_DALI, reason="DALI not installed")
 def test_dali_cpu_agrees_with_pyav(media):
     """Documented bound: frames mean |diff| <= 2.5 uint8 levels, log-mel max |diff| <= 1e-3."""
-    config = AVGNConfig.from_name("tiny").replace(num_frames=5, frame_size=32, resize_shorter=40, sample_rate=16000)
+    config = AVGNConfig.from_name("tiny").replace(num_frames=5, frame_size=32, resize_shorter=40, patch_size=16,
+                                                  sample_rate=16000)
     names = ["webm", "odd", "rot_webm", "short", "mjpeg_mono", "mp4", "garbage"]
     dali = decode_many([media[n] for n in names], config, backend="dali", device="cpu", batch_size=2)
     pyav = decode_many([media[n] for n in names], config, backend="pyav")

@@ -209,7 +209,8 @@ def test_flops_command_text(capsys):
     assert out[0].startswith("config 'tiny'")
     assert out[1].split() == ["component", "input", "GMACs", "per", "count", "GMACs/video"]
     assert [line.split("  ")[0] for line in out[2:-1]] == [r.name for r in rows]
-    assert out[4].split()[2:6] == ["3x32x32", f"{rows[2].gmacs:.4f}", "patch", "2"]
+    p = AVGNConfig.from_name("tiny").patch_size
+    assert out[4].split()[2:6] == [f"3x{p}x{p}", f"{rows[2].gmacs:.4f}", "patch", "2"]
     assert out[5].endswith("(reference, not in total)")
     assert out[-1].startswith("total per video") and out[-1].split()[-1] == f"{total_gmacs(rows):.3f}"
     assert len({len(line) for line in out[1:5]}) == 1  # aligned columns

@@ -11,7 +11,7 @@ from avgn_fast.data.clip import Clip
 from avgn_fast.data.decode import DecodeError
 from avgn_fast.data.folder import FolderDataset, LabelEntry, class_names, read_labels
 
-CONFIG = AVGNConfig.from_name("tiny").replace(num_frames=4, k=2, frame_size=32, resize_shorter=32)
+CONFIG = AVGNConfig.from_name("tiny").replace(num_frames=4, k=2, frame_size=32, resize_shorter=32, patch_size=16)
 
 
 def write_labels(root, text):

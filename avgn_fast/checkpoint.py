@@ -1,0 +1,93 @@
+"""One-file AVGN checkpoints: format tag and version, config, class names, weights, metrics.
+
+A checkpoint is a ``torch.save`` dict of plain Python values and tensors (loadable with
+``weights_only=True``). Training checkpoints (``last.pt``) add a ``train_state`` entry so a run
+can resume; every checkpoint loads with ``avgn_fast.load``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from avgn_fast.config import AVGNConfig
+from avgn_fast.models.avgn import AVGN, Cost
+
+FORMAT = "avgn_fast.checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode) and what was saved beside it."""
+
+    model: AVGN
+    class_names: list[str]
+    metrics: dict = field(default_factory=dict)
+    train_state: dict | None = None
+
+
+def save_checkpoint(path, model: AVGN, *, class_names, metrics: dict | None = None,
+                    train_state: dict | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically (a temporary file renamed into place)."""
+    class_names = [str(name) for name in class_names]
+    if len(class_names) != model.config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {model.config.num_classes} classes")
+    cost = model.cost()
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.to_dict(),
+        "class_names": class_names,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metrics": dict(metrics or {}),
+        "cost": {"per_video": cost.per_video, "per_step": cost.per_step},
+    }
+    if train_state is not None:
+        payload["train_state"] = train_state
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint onto the CPU; ValueError naming the file if it is not a readable avgn_fast checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise ValueError(f"{path}: not a readable avgn_fast checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an avgn_fast checkpoint (no {FORMAT!r} format tag)")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"{path}: checkpoint version {payload.get('version')!r}; this avgn_fast reads {VERSION}")
+    missing = {"config", "class_names", "state_dict"} - payload.keys()
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {sorted(missing)}")
+    try:
+        config = AVGNConfig.from_dict(payload["config"])
+        model = AVGN(config)
+        model.load_state_dict(payload["state_dict"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: checkpoint does not describe a valid AVGN ({e})") from e
+    if "cost" in payload:
+        model._cost = Cost(**payload["cost"])
+    model.eval()
+    return Checkpoint(model, list(payload["class_names"]), dict(payload.get("metrics", {})),
+                      payload.get("train_state"))
+
+
+def load(path) -> AVGN:
+    """The model of a checkpoint file (CPU, eval mode), with ``class_names`` and ``metrics`` attributes."""
+    ckpt = load_checkpoint(path)
+    ckpt.model.class_names = ckpt.class_names
+    ckpt.model.metrics = ckpt.metrics
+    return ckpt.model

@@ -1,0 +1,64 @@
+"""Evaluate a checkpoint on a folder dataset: top-1, mAP and mean GFLOPs (GMACs) per video.
+
+Only inference-time fields can be overridden: ``k`` (steps, at most the checkpoint's) and
+``exit_threshold`` (early exit τ); everything else is fixed by the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from avgn_fast.checkpoint import load_checkpoint
+from avgn_fast.data.folder import FolderDataset
+from avgn_fast.training.trainer import FolderSource, evaluate
+
+INFERENCE_FIELDS = ("k", "exit_threshold")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file written by avgn-fast train")
+    parser.add_argument("--data", required=True, help="dataset folder holding labels.csv")
+    parser.add_argument("--split", default="test", help="split to evaluate ('all' for every row); default: test")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help=f"inference override, one of {', '.join(INFERENCE_FIELDS)} (e.g. --set k=4)")
+    parser.add_argument("--batch-size", type=int, default=32, help="videos per batch; default: 32")
+    parser.add_argument("--cache-dir", default=None, help="decoded-clip cache; default: the checkpoint's folder/cache")
+    parser.add_argument("--device", default="cpu", help="torch device; default: cpu")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def main(checkpoint, data, split: str = "test", set: Sequence[str] = (), batch_size: int = 32, cache_dir=None,
+         device: str = "cpu", json: bool = False, progress: bool = True) -> int:
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt.model.config
+    changed = config.with_overrides(list(set))
+    fixed = [f"{name}={getattr(changed, name)!r}" for name in config.to_dict()
+             if name not in INFERENCE_FIELDS and getattr(changed, name) != getattr(config, name)]
+    if fixed:
+        raise ValueError(f"cannot override {', '.join(fixed)} at evaluation: only {', '.join(INFERENCE_FIELDS)} "
+                         "can change; the rest is fixed by the checkpoint")
+    cache_dir = Path(checkpoint).parent / "cache" if cache_dir is None else Path(cache_dir)
+    dataset = FolderDataset(data, config, split=None if split == "all" else split, cache_dir=cache_dir)
+    if dataset.classes != ckpt.class_names:
+        raise ValueError(f"{data}: classes {dataset.classes} differ from the checkpoint's {ckpt.class_names}")
+    failed = dataset.decode_all(progress=lambda batches: tqdm(batches, desc="decode", unit="batch",
+                                                              disable=not progress))
+    for error in failed:
+        print(f"avgn-fast eval: skipping {error}")
+    if not len(dataset):
+        raise ValueError(f"{data}: no decodable videos in split {split!r}")
+    model = ckpt.model.to(device)
+    requested = {item.partition("=")[0].strip().replace("-", "_") for item in set}
+    result = evaluate(model, FolderSource(dataset), batch_size=batch_size, k=changed.k if "k" in requested else None,
+                      exit_threshold=changed.exit_threshold, progress=progress)
+    if json:
+        print(jsonlib.dumps({"checkpoint": str(checkpoint), "split": split, "overrides": list(set),
+                             **result.as_dict()}, indent=2))
+    else:
+        print(f"{checkpoint} on {data} [{split}], {result.videos} videos: top-1 {100 * result.top1:.2f} %  "
+              f"mAP {100 * result.mean_ap:.2f} %  GFLOPs/video {result.gflops:.4f}")
+    return 0

@@ -1,0 +1,97 @@
+"""Train an AVGN on a folder dataset (DIR/labels.csv with columns path,label[,split]).
+
+Decoded clips are cached (default RUN_DIR/cache) so only the first epoch decodes. Each epoch
+writes RUN_DIR/last.pt (resumable with --resume) and RUN_DIR/best.pt (best validation top-1),
+plus RUN_DIR/history.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from avgn_fast.config import AVGNConfig
+from avgn_fast.data.folder import FolderDataset, read_labels
+from avgn_fast.models.avgn import AVGN
+from avgn_fast.models.backbones import load_pretrained
+from avgn_fast.training.trainer import FolderSource, TrainSettings, fit
+
+
+def add_arguments(parser) -> None:
+    defaults = TrainSettings()
+    parser.add_argument("--data", required=True, help="dataset folder holding labels.csv")
+    parser.add_argument("--out", required=True, help="run folder for checkpoints (last.pt, best.pt) and history")
+    parser.add_argument("--config", default="tiny", help="configuration name (paper, tiny); default: tiny")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"epochs; default: {defaults.epochs}")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field, e.g. --set audio=false --set k=4 (repeatable)")
+    parser.add_argument("--audio-warmup-epochs", type=int, default=defaults.audio_warmup_epochs,
+                        help="cheap first-stage epochs training only the audio encoder (skipped without audio); "
+                        f"default: {defaults.audio_warmup_epochs}")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of initialisation, batch order and "
+                        f"random patches; default: {defaults.seed}")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help=f"videos per step; default: {defaults.batch_size}")
+    parser.add_argument("--lr", type=float, default=defaults.lr,
+                        help=f"peak AdamW learning rate; default: {defaults.lr}")
+    parser.add_argument("--init-visual", default=None, metavar="PATH",
+                        help="torchvision-format MobileNetV2 weights for the visual glance encoder")
+    parser.add_argument("--init-local", default=None, metavar="PATH",
+                        help="torchvision-format ResNet weights for the local encoder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    parser.add_argument("--train-split", default="train", help="split used for training; default: train")
+    parser.add_argument("--val-split", default="val",
+                        help="split validated after each epoch ('none' to skip); default: val")
+    parser.add_argument("--cache-dir", default=None, help="decoded-clip cache; default: OUT/cache")
+    parser.add_argument("--device", default="cpu", help="torch device; default: cpu")
+
+
+def main(data, out, config: str = "tiny", epochs: int = TrainSettings.epochs, set: Sequence[str] = (),
+         audio_warmup_epochs: int = TrainSettings.audio_warmup_epochs, seed: int = TrainSettings.seed,
+         batch_size: int = TrainSettings.batch_size, lr: float = TrainSettings.lr,
+         init_visual=None, init_local=None, resume: bool = False, train_split: str = "train",
+         val_split: str | None = "val", cache_dir=None, device: str = "cpu", progress: bool = True) -> int:
+    out = Path(out)
+    cache_dir = out / "cache" if cache_dir is None else Path(cache_dir)
+    probe = AVGNConfig.from_name(config).with_overrides(list(set))
+    train_set = FolderDataset(data, probe, split=train_split, cache_dir=cache_dir)
+    cfg = probe.replace(num_classes=len(train_set.classes))
+    val_set = None
+    if val_split not in (None, "none"):
+        if any(entry.split == val_split for entry in read_labels(data)):
+            val_set = FolderDataset(data, cfg, split=val_split, cache_dir=cache_dir)
+        else:
+            print(f"avgn-fast train: no {val_split!r} split in {data}; training without validation")
+    for name, dataset in (("train", train_set), ("val", val_set)):
+        if dataset is None:
+            continue
+        failed = dataset.decode_all(progress=lambda batches, n=name: tqdm(batches, desc=f"decode {n}", unit="batch",
+                                                                          disable=not progress))
+        for error in failed:
+            print(f"avgn-fast train: skipping {error}")
+        if not len(dataset):
+            raise ValueError(f"{data}: no decodable videos in the {name} split")
+
+    settings = TrainSettings(epochs=epochs, audio_warmup_epochs=audio_warmup_epochs, batch_size=batch_size, lr=lr,
+                             seed=seed)
+    torch.manual_seed(seed)
+    model = AVGN(cfg)
+    if init_visual is not None and not resume:
+        if model.visual is None:
+            raise ValueError("--init-visual given but this configuration has no visual glance encoder")
+        load_pretrained(model.visual, init_visual)
+    if init_local is not None and not resume:
+        load_pretrained(model.local, init_local)
+    model.to(device)
+    result = fit(model, FolderSource(train_set), None if val_set is None else FolderSource(val_set),
+                 settings=settings, class_names=train_set.classes, out_dir=out, resume=resume, progress=progress,
+                 log=lambda line: tqdm.write(line))
+    (out / "history.json").write_text(json.dumps(result.history, indent=2))
+    best = result.best or {}
+    summary = f"val top-1 {best['val_top1']:.4f} at epoch {best['epoch']}" if "val_top1" in best else "no validation"
+    print(f"trained {cfg.name} ({len(result.history)} epochs): {summary}; checkpoints in {out}")
+    return 0

@@ -1,0 +1,303 @@
+"""The toolkit's main job from nothing: AVSynth on disk, AVGN and its baselines trained, the Pareto curve measured.
+
+``run_demo`` writes everything under one folder (default ``./avgn_runs``) and reuses what a previous
+run left there: the AVSynth files, the decoded-clip cache, and every finished training run (an
+interrupted one resumes from its ``last.pt``). Layout::
+
+    avgn_runs/cache/                  decoded clips, shared by every size
+    avgn_runs/<size>/avsynth/         videos/, labels.csv, README.md
+    avgn_runs/<size>/runs/<method>/   best.pt, last.pt (with the per-epoch history)
+    avgn_runs/<size>/pareto/          pareto.csv, pareto.json, pareto.md, pareto.png
+
+On a CPU the four trainings run in two processes of one torch thread each. Sizes were planned from
+speeds measured on 2 shared CPU cores (see ``SIZES``): the full demo within 20 minutes, ``quick``
+within 3.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from avgn_fast import pareto
+from avgn_fast.config import AVGNConfig
+
+if TYPE_CHECKING:
+    from avgn_fast.training.trainer import TrainSettings
+
+# (run folder, config overrides): AVGN and the baselines of the Pareto claim, all trained the same way
+METHODS = (
+    ("avgn", ()),
+    ("visual-only", ("audio=false",)),
+    ("uniform-centre", ("temporal=uniform", "spatial=center", "audio=false")),
+    ("dense", ("dense=true", "audio=false")),
+)
+# training processes take the dearest runs first (measured ms per video and joint epoch, one thread:
+# AVGN ~104 plus ~23 per audio warm-up epoch, dense ~104, visual-only ~80, uniform+centre ~41)
+DEAREST_FIRST = ("avgn", "dense", "visual-only", "uniform-centre")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much data and training one demo size uses, and how densely it sweeps."""
+
+    name: str
+    train: int  # AVSynth videos per split
+    val: int
+    test: int
+    epochs: int
+    batch_size: int = 16
+    thresholds: int = pareto.THRESHOLDS
+    sizes: bool = True  # sweep other patch / glance sizes
+    overrides: tuple[str, ...] = ()  # config fields changed from ``tiny`` (FIELD=VALUE)
+    seed: int = 0
+
+    def __post_init__(self):
+        if min(self.train, self.val, self.test, self.epochs, self.batch_size) < 1:
+            raise ValueError(f"bad demo size: {self.train=} {self.val=} {self.test=} {self.epochs=} "
+                             f"{self.batch_size=}")
+
+    @property
+    def videos(self) -> int:
+        return self.train + self.val + self.test
+
+    def config(self) -> AVGNConfig:
+        return AVGNConfig.from_name("tiny").with_overrides(list(self.overrides))
+
+
+# Planned from costs measured on 2 cores shared with other work (load ~5), one torch thread per
+# process, ms per video: writing AVSynth ~310, decoding ~100, training as in DEAREST_FIRST (with the
+# default 6 audio warm-up epochs and 3 joint epochs, ~575 per training video in each of two
+# processes), the sweep ~15 per video and setting. Full: ~7 min data, ~8-10 min training, ~2.5 min sweep.
+SIZES = {
+    "full": DemoSize("full", train=800, val=100, test=200, epochs=3),
+    "quick": DemoSize("quick", train=100, val=25, test=50, epochs=2, thresholds=pareto.QUICK_THRESHOLDS,
+                      sizes=False),
+}
+
+
+@dataclass
+class DemoResult:
+    """What a demo run produced: the sweep, the files, and what it did itself rather than reuse."""
+
+    result: pareto.ParetoResult
+    paths: dict[str, Path]
+    written: int  # AVSynth videos written by this run
+    decoded: int  # files decoded by this run
+    trained: list[str] = field(default_factory=list)  # methods trained or resumed by this run
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
+
+
+@dataclass(frozen=True)
+class _TrainJob:
+    """One method to train (picklable: it may run in a worker process)."""
+
+    slug: str
+    config: AVGNConfig
+    run_dir: Path
+    data: Path
+    cache_dir: Path
+    settings: TrainSettings
+    classes: tuple[str, ...]
+    done: int  # epochs an earlier run finished (> 0: resume from its last.pt)
+    device: str
+
+
+def _video_count(folder: Path) -> int:
+    return sum(1 for _ in (folder / "videos").glob("*.*")) if (folder / "videos").is_dir() else 0
+
+
+def _total_epochs(config: AVGNConfig, settings: TrainSettings) -> int:
+    """Epochs ``fit`` runs for ``config``: the audio warm-up (models with audio), then the joint epochs."""
+    return settings.epochs + (settings.audio_warmup_epochs if config.audio else 0)
+
+
+def _epochs_done(run_dir: Path, config: AVGNConfig) -> int:
+    """Epochs an earlier run of ``config`` finished in ``run_dir`` (0 when there is none to continue)."""
+    from avgn_fast.checkpoint import load_checkpoint
+
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return 0
+    try:
+        state = load_checkpoint(last)
+    except ValueError:  # a damaged file: train again
+        return 0
+    if state.model.config != config or state.train_state is None:
+        return 0
+    return len(state.train_state["history"])
+
+
+def _load_split(data: Path, config: AVGNConfig, split: str, cache_dir: Path, progress: bool = False):
+    """A split as an in-memory ``TensorSource`` (the tiny demo clips fit), decoding what the cache lacks.
+
+    Returns (source, class names, files decoded).
+    """
+    from tqdm import tqdm
+
+    from avgn_fast.data.folder import FolderDataset
+    from avgn_fast.training.trainer import FolderSource, TensorSource
+
+    dataset = FolderDataset(data, config, split=split, cache_dir=cache_dir)
+    failed = dataset.decode_all(progress=lambda b: tqdm(b, desc=f"decode {split}", unit="batch", disable=not progress))
+    if failed:
+        raise ValueError(f"{data}: {len(failed)} AVSynth files failed to decode, e.g. {failed[0]}")
+    source = TensorSource(*FolderSource(dataset).batch(torch.arange(len(dataset))))
+    return source, dataset.classes, dataset.decodes
+
+
+def _train(job: _TrainJob, sources: dict | None, progress: bool, log: Callable[[str], None]) -> None:
+    from avgn_fast.models.avgn import AVGN
+    from avgn_fast.training.trainer import fit
+
+    if sources is None:
+        sources = {split: _load_split(job.data, job.config, split, job.cache_dir)[0] for split in ("train", "val")}
+    torch.manual_seed(job.settings.seed)
+    model = AVGN(job.config).to(job.device)
+    fit(model, sources["train"], sources["val"], settings=job.settings, class_names=list(job.classes),
+        out_dir=job.run_dir, resume=job.done > 0, progress=progress, log=log)
+
+
+_QUEUE = None  # a worker process's queue to the parent, for per-epoch progress
+
+
+def _init_worker(queue, threads: int | None) -> None:
+    global _QUEUE
+    _QUEUE = queue
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _train_in_worker(job: _TrainJob) -> str:
+    _train(job, None, False, lambda line: _QUEUE.put((job.slug, line)))
+    return job.slug
+
+
+def _train_parallel(jobs: list[_TrainJob], *, workers: int, threads: int | None, progress: bool,
+                    log: Callable[[str], None]) -> None:
+    """Train ``jobs`` in ``workers`` processes (dearest first); one bar advancing per finished epoch."""
+    import multiprocessing
+    import queue as queues
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm import tqdm
+
+    context = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP state
+    channel = context.Queue()
+    remaining = sum(_total_epochs(job.config, job.settings) - job.done for job in jobs)
+    with tqdm(total=remaining, desc=f"train ({workers} processes)", unit="epoch", disable=not progress) as bar, \
+            ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                initargs=(channel, threads)) as pool:
+        def drain(timeout: float) -> None:
+            while True:
+                try:
+                    slug, line = channel.get(timeout=timeout)
+                except queues.Empty:
+                    return
+                bar.update()
+                (bar.write if progress else log)(f"  {slug}: {line}")
+
+        order = sorted(jobs, key=lambda job: DEAREST_FIRST.index(job.slug))
+        pending = {pool.submit(_train_in_worker, job) for job in order}
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            drain(0.01)
+            for future in done:
+                future.result()  # a failed run raises here
+        drain(0.5)
+
+
+def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str = "auto", threads: int | None = 1,
+             workers: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+    """Synthesize AVSynth, train every method of ``METHODS``, sweep them, write the Pareto files.
+
+    ``threads``: torch CPU threads per process (None keeps torch's setting; one is fastest for the tiny
+    models and does not fight other work for shared cores). ``workers``: training processes (default:
+    two on a CPU with at least two cores, else one; one trains in this process with a bar per epoch).
+    """
+    import os
+
+    from avgn_fast.data import synth
+    from avgn_fast.engine.predictor import resolve_device
+    from avgn_fast.training.trainer import TrainSettings
+
+    root = Path(out)
+    here = root / size.name
+    dev = resolve_device(device)
+    if workers is None:
+        workers = 2 if dev.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    seconds, trained, decoded = {}, [], 0
+    try:
+        clock = time.perf_counter()
+        base = size.config()
+        data = here / "avsynth"
+        before = _video_count(data)
+        synth.write_dataset(data, size.videos, seed=size.seed, config=base,
+                            splits=(size.train / size.videos, size.val / size.videos, size.test / size.videos))
+        written = _video_count(data) - before
+        seconds["synthesize"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        sources, classes = {}, []
+        for split in ("train", "val"):
+            sources[split], classes, count = _load_split(data, base, split, root / "cache", progress)
+            decoded += count
+        seconds["decode"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        checkpoints, jobs = [], []
+        settings = TrainSettings(epochs=size.epochs, batch_size=size.batch_size, seed=size.seed)
+        for slug, overrides in METHODS:
+            config = base.with_overrides(list(overrides)).replace(num_classes=len(classes))
+            run_dir = here / "runs" / slug
+            checkpoints.append(run_dir / "best.pt")
+            done, total = _epochs_done(run_dir, config), _total_epochs(config, settings)
+            if done >= total and (run_dir / "best.pt").is_file():
+                log(f"demo: {slug}: reusing {run_dir / 'best.pt'}")
+                continue
+            log(f"demo: training {slug} ({pareto.method_name(config)}), {total} epochs on {len(sources['train'])} "
+                f"videos" + (f", resuming after epoch {done}" if done else ""))
+            jobs.append(_TrainJob(slug, config, run_dir, data, root / "cache", settings, tuple(classes), done,
+                                  str(dev)))
+        if min(workers, len(jobs)) > 1:
+            _train_parallel(jobs, workers=min(workers, len(jobs)), threads=threads, progress=progress, log=log)
+        else:
+            for job in jobs:
+                _train(job, sources, progress, lambda line, s=job.slug: log(f"  {s}: {line}"))
+        trained = [job.slug for job in jobs]
+        seconds["train"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        result = pareto.sweep(checkpoints, data, cache_dir=root / "cache", thresholds=size.thresholds,
+                              patch_sizes="auto" if size.sizes else (), glance_sizes="auto" if size.sizes else (),
+                              device=str(dev), progress=progress, log=log)
+        decoded += result.decoded
+        paths = pareto.write_all(result, here / "pareto")
+        seconds["sweep"] = time.perf_counter() - clock
+    finally:
+        torch.set_num_threads(previous_threads)
+    return DemoResult(result, paths, written, decoded, trained, seconds)
+
+
+def summary(demo: DemoResult) -> str:
+    """The table, the notes, the phase times and the paths written, as the demo command prints them."""
+    result = demo.result
+    lines = [pareto.markdown_table(result), ""]
+    lines += [f"note: {note}" for note in result.notes]
+    phases = ", ".join(f"{name} {s:.0f} s" for name, s in demo.seconds.items())
+    lines.append(f"{result.device}, {result.backend} {result.precision}, {result.date}: {phases} "
+                 f"(total {sum(demo.seconds.values()) / 60:.1f} min)")
+    lines.append("wrote:")
+    data = Path(result.data)
+    lines.append(f"  data        {data} ({demo.written} videos written now)")
+    lines += [f"  checkpoint  {path}" for path in dict.fromkeys(p.checkpoint for p in result.points)]
+    lines += [f"  {kind:<11} {path}" for kind, path in demo.paths.items()]
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The demo's orchestration at a test-only size: end to end, a re-run that reuses everything, a resumed run."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from avgn_fast import demo, pareto
+from avgn_fast.checkpoint import load_checkpoint
+from avgn_fast.cli import build_parser
+from avgn_fast.training import TrainSettings
+
+# 12 videos (7 train / 1 val / 4 test) of AVSynth's smallest layout, one epoch: the orchestration, not accuracy
+TINY = demo.DemoSize("test", train=7, val=1, test=4, epochs=1, batch_size=4, thresholds=1, sizes=False,
+                     overrides=("num_frames=8", "k=2"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    assert torch.get_num_threads() == threads  # the demo puts torch's thread count back
+
+
+def _mtimes(paths):
+    return {p: p.stat().st_mtime_ns for p in paths}
+
+
+def test_demo_end_to_end_reuses_and_resumes(tmp_path):
+    lines = []
+    # two training processes (the default on a 2-core CPU); the resumed run below trains in this process
+    first = demo.run_demo(tmp_path, size=TINY, device="cpu", workers=2, progress=False, log=lines.append)
+    here = tmp_path / "test"
+    slugs = [slug for slug, _ in demo.METHODS]
+    assert first.written == 12 and first.trained == slugs
+    assert first.decoded == 12  # every video once: train and val for training, test for the sweep
+    assert sorted(first.paths) == ["csv", "json", "md", "png"]
+    assert all(path.is_file() and path.parent == here / "pareto" for path in first.paths.values())
+    result = first.result
+    assert result.methods == ["AVGN", "visual-only glance", "uniform+centre", "dense"]
+    for slug, overrides in demo.METHODS:
+        ckpt = load_checkpoint(here / "runs" / slug / "best.pt")
+        assert ckpt.model.config == TINY.config().with_overrides(list(overrides)).replace(num_classes=8)
+        history = load_checkpoint(here / "runs" / slug / "last.pt").train_state["history"]
+        assert len(history) == demo._total_epochs(ckpt.model.config, TrainSettings(epochs=1))
+        # every epoch's line came back from the worker processes
+        assert sum(line.startswith(f"  {slug}: epoch=") for line in lines) == len(history)
+    assert {p.method for p in result.points if p.exit_threshold is not None} == set(result.methods)
+    assert all(p.videos == 4 and 0 <= p.top1 <= 1 for p in result.points)
+    assert pareto.read_json(first.paths["json"]).points == result.points
+    assert first.paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = demo.summary(first)
+    assert pareto.markdown_table(result) in text
+    assert all(str(path) in text for path in first.paths.values())
+    assert str(here / "runs" / "dense" / "best.pt") in text and str(here / "avsynth") in text
+
+    videos = sorted((here / "avsynth" / "videos").iterdir())
+    kept = _mtimes([*videos, *(here / "runs").glob("*/*.pt"), *(tmp_path / "cache").rglob("*.pt")])
+    lines.clear()
+    second = demo.run_demo(tmp_path, size=TINY, device="cpu", progress=False, log=lines.append)
+    assert (second.written, second.decoded, second.trained) == (0, 0, [])
+    assert _mtimes(kept) == kept  # no video re-encoded, no checkpoint rewritten, no clip decoded again
+    assert sum("reusing" in line for line in lines) == len(slugs)
+    assert [(p.method, p.setting) for p in second.result.points] == [(p.method, p.setting) for p in result.points]
+    # the same checkpoints on the same clips: the same accuracy and cost (only the timing is new)
+    assert [(p.top1, p.gflops) for p in second.result.points] == [(p.top1, p.gflops) for p in result.points]
+
+    # more epochs: every run resumes from its last.pt instead of starting over
+    lines.clear()
+    resumed = demo.run_demo(tmp_path, size=dataclasses.replace(TINY, epochs=2), device="cpu", workers=1,
+                            progress=False, log=lines.append)
+    assert (resumed.written, resumed.decoded, resumed.trained) == (0, 0, slugs)
+    assert sum(line.startswith("demo: training") and "resuming" in line for line in lines) == len(slugs)
+    for slug in slugs:
+        ckpt = load_checkpoint(here / "runs" / slug / "last.pt")
+        total = demo._total_epochs(ckpt.model.config, TrainSettings(epochs=2))
+        assert [h["epoch"] for h in ckpt.train_state["history"]] == list(range(1, total + 1))
+
+
+def test_demo_command_line():
+    args = vars(build_parser().parse_args(["demo", "--quick", "--out", "somewhere", "--threads", "2"]))
+    assert (args["quick"], str(args["out"]), args["threads"], args["device"]) == (True, "somewhere", 2, "auto")
+    assert set(demo.SIZES) == {"full", "quick"}
+    full, quick = demo.SIZES["full"], demo.SIZES["quick"]
+    assert quick.videos < full.videos and quick.epochs <= full.epochs and not quick.sizes
+    with pytest.raises(ValueError, match="bad demo size"):
+        demo.DemoSize("x", train=2, val=0, test=1, epochs=1)

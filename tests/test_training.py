@@ -1,0 +1,179 @@
+"""Training: loss signs, a few steps learn, determinism and resume, and the train/eval CLIs end to end."""
+
+import json
+
+import pytest
+import torch
+from avgn_fast.kernels.crop_patches import crop_patches_ref
+from tolerances import tol
+
+import avgn_fast
+from avgn_fast.cli import main as cli_main
+from avgn_fast.config import AVGNConfig
+from avgn_fast.data.synth import generate_tensors, write_dataset
+from avgn_fast.models.avgn import AVGN
+from avgn_fast.training import (
+    LossWeights,
+    TensorSource,
+    TrainSettings,
+    avgn_losses,
+    fit,
+    mean_average_precision,
+    saliency_ranking_loss,
+    train_model,
+)
+from avgn_fast.training.losses import candidate_patches
+
+# AVSynth's smallest layout (8 frames) keeps the training tests fast
+SMALL = AVGNConfig.from_name("tiny", num_frames=8, k=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest, and CI cores are shared
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return generate_tensors(8, config=SMALL, seed=5)
+
+
+def test_saliency_ranking_loss_sign():
+    teacher = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
+    agree = torch.tensor([[3.0, -3.0, 1.0, -1.0]])
+    assert saliency_ranking_loss(agree, teacher) < saliency_ranking_loss(-agree, teacher)
+    saliency = torch.zeros(1, 4, requires_grad=True)
+    saliency_ranking_loss(saliency, teacher).backward()
+    # descending the loss raises the saliency of frames the teacher is confident on, in the teacher's order
+    assert torch.argsort(saliency.grad[0]).tolist() == torch.argsort(teacher[0], descending=True).tolist()
+    flat = torch.zeros(2, 4, requires_grad=True)
+    saliency_ranking_loss(flat, torch.full((2, 4), 0.3)).backward()
+    assert torch.equal(flat.grad, torch.zeros(2, 4))  # no preference: equal saliency is already optimal
+
+
+def test_mean_average_precision_on_hand_made_scores():
+    labels = torch.tensor([0, 0, 1, 1])
+    perfect = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])
+    assert mean_average_precision(perfect, labels) == pytest.approx(1.0)
+    # class 0 by score: x0 (+), x2 (-), x1 (+), x3 (-); class 1: x3 (+), x1 (-), x2 (+), x0 (-)
+    mixed = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.6, 0.4], [0.4, 0.6]])
+    assert mean_average_precision(mixed, labels) == pytest.approx((1 + 2 / 3) / 2)
+    # a class without positives is left out of the mean
+    assert mean_average_precision(torch.cat([perfect, torch.rand(4, 1)], 1), labels) == pytest.approx(1.0)
+
+
+def test_candidate_patches_are_exact_crops():
+    model = AVGN(SMALL)
+    frames = torch.randint(0, 256, (2, SMALL.num_frames, 3, SMALL.frame_size, SMALL.frame_size), dtype=torch.uint8)
+    kept = torch.tensor([[4, 1], [0, 7]])
+    patches, grid = candidate_patches(model, frames, kept, 3)
+    n, p = grid.shape[0], SMALL.patch_size
+    assert patches.shape == (2 * 2 * n, 3, p, p)
+    a = grid.repeat(2, 2, 1)  # (B, K·n, 2), candidates cycling fastest
+    index = (torch.arange(2)[:, None] * SMALL.num_frames + kept.repeat_interleave(n, dim=1)).flatten()
+    expected = crop_patches_ref(frames.flatten(0, 1), model.centers(a).flatten(0, 1), p, index=index,
+                                mean=model.pixel_mean, std=model.pixel_std)
+    torch.testing.assert_close(patches, expected, **tol(torch.float32))
+
+
+def test_a_few_steps_lower_the_loss(synth):
+    torch.manual_seed(0)
+    model = AVGN(SMALL)
+    frames, mel, labels, present = synth.frames, synth.mel, synth.labels, synth.audio_present
+    weights = LossWeights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def loss():
+        torch.manual_seed(1)  # the same random patches each time
+        return avgn_losses(model, frames, mel, labels, present, weights)
+
+    first = loss()
+    assert set(first) >= {"ordered", "saliency", "aux_audio", "aux_global", "aux_local",
+                          "random_patch", "patch_search", "search_mil", "total"}
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss()["total"].backward()
+        optimizer.step()
+    assert float(loss()["total"].detach()) < 0.8 * float(first["total"].detach())
+
+
+@pytest.mark.parametrize("switch", [{"audio": False}, {"temporal": "uniform"}, {"spatial": "random"},
+                                    {"dense": True}])
+def test_every_baseline_trains(synth, switch):
+    torch.manual_seed(0)
+    model = AVGN(SMALL.replace(**switch))
+    out = avgn_losses(model, synth.frames[:2], synth.mel[:2], synth.labels[:2], synth.audio_present[:2],
+                      LossWeights())
+    assert ("saliency" in out) == (model.avtest is not None)
+    assert ("patch_search" in out) == (model.aespa is not None)
+    assert ("aux_audio" in out) == (model.audio is not None)
+    out["total"].backward()
+    trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    assert trained >= {"local", "classifier"} | ({"visual"} if model.visual is not None else set())
+
+
+def _same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_training_is_deterministic_and_resumes_exactly(synth, tmp_path):
+    settings = TrainSettings(epochs=2, audio_warmup_epochs=1, batch_size=4, seed=3)
+    first = train_model(SMALL, synth, synth, settings=settings, epochs=2)
+    second = train_model(SMALL, synth, synth, settings=settings, epochs=2)
+    assert _same_weights(first.model, second.model)
+    assert first.history == second.history
+    assert [h["stage"] for h in first.history] == ["audio", "joint", "joint"]
+    assert {"train_top1", "loss_total", "val_top1", "val_mean_ap", "val_gflops"} <= set(first.history[-1])
+    assert "val_top1" not in first.history[0]
+
+    class Interrupted(Exception):
+        pass
+
+    def crash_after_first_epoch(line):
+        if "stage=joint" in line:
+            raise Interrupted(line)
+
+    torch.manual_seed(settings.seed)
+    names = list(synth.class_names)
+    with pytest.raises(Interrupted):
+        fit(AVGN(SMALL), TensorSource.of(synth), TensorSource.of(synth), settings=settings, class_names=names,
+            out_dir=tmp_path, log=crash_after_first_epoch)
+    resumed = fit(AVGN(SMALL), TensorSource.of(synth), TensorSource.of(synth), settings=settings, class_names=names,
+                  out_dir=tmp_path, resume=True)
+    assert resumed.history == first.history
+    assert _same_weights(resumed.model, first.model)  # both return the best validation epoch's weights
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+    with pytest.raises(ValueError, match="differs"):
+        fit(AVGN(SMALL.replace(k=1)), TensorSource.of(synth), None, settings=settings, class_names=names,
+            out_dir=tmp_path, resume=True)
+
+
+def test_train_and_eval_cli_end_to_end(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", 8, seed=2, config=SMALL, splits=(0.5, 0.25, 0.25))
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--config", "tiny", "--set", "num_frames=8", "--set", "k=2", "--out", str(run),
+              "--batch-size", "2", "--seed", "1", "--audio-warmup-epochs", "1"]
+    assert cli_main(["train", *common, "--epochs", "1"]) == 0
+    assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
+    history = json.loads((run / "history.json").read_text())
+    assert len(history) == 2 and 0 <= history[-1]["val_top1"] <= 1
+    model = avgn_fast.load(run / "best.pt")
+    assert model.config.num_frames == 8 and model.class_names == sorted(model.class_names)
+
+    assert cli_main(["train", *common, "--epochs", "2", "--resume"]) == 0
+    assert len(json.loads((run / "history.json").read_text())) == 3
+    capsys.readouterr()
+
+    ckpt = str(run / "last.pt")
+    assert cli_main(["eval", "--checkpoint", ckpt, "--data", str(data), "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["videos"] == 2 and 0 <= full["top1"] <= 1 and 0 <= full["mean_ap"] <= 1
+    assert full["gflops"] == pytest.approx(model.cost().per_video + 2 * model.cost().per_step)
+    assert cli_main(["eval", "--checkpoint", ckpt, "--data", str(data), "--set", "k=1"]) == 0
+    line = capsys.readouterr().out
+    assert "top-1" in line and "mAP" in line and f"{model.cost().per_video + model.cost().per_step:.4f}" in line
+    assert cli_main(["eval", "--checkpoint", ckpt, "--data", str(data), "--set", "audio=false"]) == 2
+    assert "cannot override audio=False" in capsys.readouterr().err
