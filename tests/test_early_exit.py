@@ -4,24 +4,14 @@ import contextlib
 
 import pytest
 import torch
+from switches import SWITCHES, TINY
 from tolerances import tol
 
-from avgn_fast.config import AVGNConfig
 from avgn_fast.engine.early_exit import GlanceEngine, Hook
 from avgn_fast.engine.stages import random_inputs
 from avgn_fast.models.avgn import AVGN
 from avgn_fast.models.classifier import exit_steps
 
-TINY = AVGNConfig.from_name("tiny")
-SWITCHES = {
-    "avgn": {},
-    "visual_only": {"audio": False},
-    "uniform": {"temporal": "uniform"},
-    "center": {"spatial": "center"},
-    "random": {"spatial": "random"},
-    "dense": {"dense": True},
-    "dense_visual": {"dense": True, "audio": False},
-}
 BATCH = 7
 
 

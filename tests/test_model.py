@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 from avgn_fast.kernels.crop_patches import crop_patches_ref
+from switches import SWITCHES, TINY
 from tolerances import tol
 
 import avgn_fast
 from avgn_fast.checkpoint import FORMAT, load_checkpoint
-from avgn_fast.config import AVGNConfig
 from avgn_fast.data.audio import frame_params
 from avgn_fast.flops import component_table
 from avgn_fast.models import ops
@@ -18,17 +18,6 @@ from avgn_fast.models.avgn import AVGN, GlanceResult
 from avgn_fast.models.avtest import AVTeST, top_k_frames, uniform_frames
 from avgn_fast.models.backbones import make_divisible
 from avgn_fast.models.classifier import StepClassifier, exit_steps
-
-TINY = AVGNConfig.from_name("tiny")
-SWITCHES = {
-    "avgn": {},
-    "visual_only": {"audio": False},
-    "uniform": {"temporal": "uniform"},
-    "center": {"spatial": "center"},
-    "random": {"spatial": "random"},
-    "dense": {"dense": True},
-    "dense_visual": {"dense": True, "audio": False},
-}
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,9 @@
   the audio head's per-frame prediction). Top-K selection is not differentiable, so this is the
   only signal AV-TeST gets;
 - AdaFocusV2's random-patch branch: the local-only head also classifies patches at random centres;
-- patch search: the local-only head scores a grid of candidate patches on the most salient kept
-  frames. It learns from them as multiple instances ("some candidate shows the class"), and the
+- patch search: the local-only head scores a grid of candidate patches on the frames the teacher
+  is most confident on (AV-TeST's own choice lags behind early in training). It learns from them
+  as multiple instances ("some candidate shows the class"), and the
   best candidate for the true class is a detached target for the policy, weighted by how much it
   stands out. The policy also receives the classification gradients through the differentiable
   crop, as in AdaFocusV2.
@@ -39,9 +40,9 @@ class LossWeights:
     random_patch: float = 0.5
     saliency: float = 1.0
     patch_search: float = 1.0
-    search_mil: float = 0.5
+    search_mil: float = 1.0
     search_grid: int | None = None  # candidates per side; None: spaced at most half a patch apart
-    search_frames: int = 2  # the most salient kept frames searched (0: no search)
+    search_frames: int = 2  # frames searched per video (0: no search)
     saliency_temperature: float = 0.3
 
 
@@ -165,19 +166,21 @@ def avgn_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWe
         terms["aux_global"] = frame_cross_entropy(heads["global"](feats.visual), labels)
     if weights.aux_local:
         terms["aux_local"] = frame_cross_entropy(heads["local"](local), labels)
-    if model.avtest is not None and weights.saliency:
+    searched = kept[:, :weights.search_frames]
+    if model.avtest is not None:
         teacher = frame_teacher(model, frames, feats, labels, audio_logits)
-        terms["saliency"] = saliency_ranking_loss(saliency, teacher, weights.saliency_temperature)
+        if weights.saliency:
+            terms["saliency"] = saliency_ranking_loss(saliency, teacher, weights.saliency_temperature)
+        searched = teacher.topk(searched.shape[1], dim=1).indices  # the teacher's best frames, not yet AV-TeST's
     if not model.config.dense and weights.random_patch:
         random_local = model.local_features(model.crop(frames, kept, torch.rand_like(a)), b)
         terms["random_patch"] = frame_cross_entropy(heads["local"](random_local), labels)
     if model.aespa is not None and weights.search_frames:
-        searched = kept[:, :weights.search_frames]
         s, p = model.config.frame_size, model.patch_size()
         grid = weights.search_grid or math.ceil(2 * (s - p) / p) + 1
         mil, target, weight = patch_search(model, frames, searched, labels, grid)
         terms["search_mil"] = mil
-        policy_error = F.smooth_l1_loss(a[:, :searched.shape[1]], target, reduction="none", beta=0.1).sum(-1)
+        policy_error = F.smooth_l1_loss(model.locate(feats, searched), target, reduction="none", beta=0.1).sum(-1)
         terms["patch_search"] = (weight * policy_error).mean()
 
     total = sum(getattr(weights, name) * value for name, value in terms.items())
