@@ -129,16 +129,27 @@ def patch_search(model: AVGN, frames, kept, labels, n: int):
     return mil, grid[prob.argmax(-1)], prob.amax(-1) - prob.mean(-1)
 
 
-def audio_warmup_losses(model: AVGN, mel, labels, audio_present) -> dict[str, torch.Tensor]:
-    """Stage-1 loss: the audio encoder alone, per-frame cross entropy of its auxiliary head.
+def audio_warmup_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWeights):
+    """Stage-1 losses: the audio encoder, and the local encoder on the frames the audio points to.
 
-    ``logits`` (B, C) are the frame-averaged audio logits, for a running accuracy.
+    The audio head learns per frame; the local-only head learns from the candidate patches of the
+    frames where the audio head is most confident in the true class (multiple instances, as in the
+    joint stage). Nothing else runs, so these epochs are cheap. ``logits`` (B, 1, C) are the
+    frame-averaged audio logits, for a running accuracy.
     """
-    b, t = mel.shape[:2]
-    audio = model.encode_audio(mel, audio_present)[1]
-    logits = model.aux_heads["audio"](audio)
-    loss = frame_cross_entropy(logits, labels, audio_present.float())
-    return {"aux_audio": loss, "total": loss, "logits": logits.detach().mean(1, keepdim=True)}
+    audio_logits = model.aux_heads["audio"](model.encode_audio(mel, audio_present)[1])
+    terms = {"aux_audio": frame_cross_entropy(audio_logits, labels, audio_present.float())}
+    if not model.config.dense and weights.search_frames:
+        searched = true_class_prob(audio_logits.detach(), labels).topk(weights.search_frames, dim=1).indices
+        terms["search_mil"] = patch_search(model, frames, searched, labels, search_grid_size(model, weights))[0]
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    return {**terms, "total": total, "logits": audio_logits.detach().mean(1, keepdim=True)}
+
+
+def search_grid_size(model: AVGN, weights: LossWeights) -> int:
+    """Candidates per side: ``weights.search_grid``, or spaced at most half a patch apart."""
+    s, p = model.config.frame_size, model.patch_size()
+    return weights.search_grid or math.ceil(2 * (s - p) / p) + 1
 
 
 def avgn_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWeights) -> dict[str, torch.Tensor]:
@@ -175,13 +186,12 @@ def avgn_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWe
     if not model.config.dense and weights.random_patch:
         random_local = model.local_features(model.crop(frames, kept, torch.rand_like(a)), b)
         terms["random_patch"] = frame_cross_entropy(heads["local"](random_local), labels)
-    if model.aespa is not None and weights.search_frames:
-        s, p = model.config.frame_size, model.patch_size()
-        grid = weights.search_grid or math.ceil(2 * (s - p) / p) + 1
-        mil, target, weight = patch_search(model, frames, searched, labels, grid)
+    if not model.config.dense and weights.search_frames:
+        mil, target, weight = patch_search(model, frames, searched, labels, search_grid_size(model, weights))
         terms["search_mil"] = mil
-        policy_error = F.smooth_l1_loss(model.locate(feats, searched), target, reduction="none", beta=0.1).sum(-1)
-        terms["patch_search"] = (weight * policy_error).mean()
+        if model.aespa is not None:
+            error = F.smooth_l1_loss(model.locate(feats, searched), target, reduction="none", beta=0.1).sum(-1)
+            terms["patch_search"] = (weight * error).mean()
 
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return {**terms, "total": total, "logits": logits.detach()}

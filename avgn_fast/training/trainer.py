@@ -22,9 +22,11 @@ class TrainSettings:
     """Optimisation recipe: AdamW with gradient clipping, in two stages.
 
     Stage 1, ``audio_warmup_epochs`` cheap epochs (skipped without audio): only the audio encoder
-    and its auxiliary head train, so that the per-frame teacher can tell frames apart when the
-    joint stage starts. Stage 2, ``epochs`` joint epochs with every loss. Each stage warms the
-    learning rate up linearly over ``lr_warmup_epochs``; stage 2 then decays it with a cosine.
+    and, on the frames its auxiliary head finds most telling, the local encoder train (see
+    ``audio_warmup_losses``), so that the per-frame teacher can tell frames apart and the local
+    head can read patches when the joint stage starts. Stage 2, ``epochs`` joint epochs with every
+    loss. Each stage warms the learning rate up linearly over ``lr_warmup_epochs``; stage 2 then
+    decays it with a cosine.
     """
 
     epochs: int = 12
@@ -198,7 +200,7 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
             frames, mel, labels, present = (t.to(device) for t in
                                             train.batch(order[step * settings.batch_size:][:settings.batch_size]))
             if stage == "audio":
-                out = audio_warmup_losses(model, mel, labels, present)
+                out = audio_warmup_losses(model, frames, mel, labels, present, settings.losses)
             else:
                 out = avgn_losses(model, frames, mel, labels, present, settings.losses)
             optimizer.zero_grad(set_to_none=True)
