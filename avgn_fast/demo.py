@@ -50,7 +50,9 @@ class DemoSize:
     train: int  # AVSynth videos per split
     val: int
     test: int
-    epochs: int
+    epochs: int  # joint epochs (TrainSettings.epochs)
+    audio_warmup_epochs: int = 3
+    look_epochs: int = 3
     batch_size: int = 16
     thresholds: int = pareto.THRESHOLDS
     sizes: bool = True  # sweep other patch / glance sizes
@@ -75,9 +77,9 @@ class DemoSize:
 # default 6 audio warm-up epochs and 3 joint epochs, ~575 per training video in each of two
 # processes), the sweep ~15 per video and setting. Full: ~7 min data, ~8-10 min training, ~2.5 min sweep.
 SIZES = {
-    "full": DemoSize("full", train=800, val=100, test=200, epochs=3),
-    "quick": DemoSize("quick", train=100, val=25, test=50, epochs=2, thresholds=pareto.QUICK_THRESHOLDS,
-                      sizes=False),
+    "full": DemoSize("full", train=1100, val=200, test=500, epochs=8),
+    "quick": DemoSize("quick", train=100, val=25, test=50, epochs=2, audio_warmup_epochs=1, look_epochs=1,
+                      thresholds=pareto.QUICK_THRESHOLDS, sizes=False),
 }
 
 
@@ -113,13 +115,17 @@ def _video_count(folder: Path) -> int:
 
 
 def _total_epochs(config: AVGNConfig, settings: TrainSettings) -> int:
-    """Epochs ``fit`` runs for ``config``: the audio warm-up (models with audio), then the joint epochs."""
-    return settings.epochs + (settings.audio_warmup_epochs if config.audio else 0)
+    """Epochs ``fit`` runs for ``config`` (``TrainSettings.stages``)."""
+    return len(settings.stages(config))
 
 
-def _epochs_done(run_dir: Path, config: AVGNConfig) -> int:
-    """Epochs an earlier run of ``config`` finished in ``run_dir`` (0 when there is none to continue)."""
+def _epochs_done(run_dir: Path, config: AVGNConfig, settings: TrainSettings) -> int:
+    """Epochs an earlier run of ``config`` finished in ``run_dir`` (0 when there is none to continue).
+
+    A run with another recipe (any setting but the number of joint epochs) is not continued.
+    """
     from avgn_fast.checkpoint import load_checkpoint
+    from avgn_fast.training.trainer import _settings_dict
 
     last = run_dir / "last.pt"
     if not last.is_file():
@@ -129,6 +135,10 @@ def _epochs_done(run_dir: Path, config: AVGNConfig) -> int:
     except ValueError:  # a damaged file: train again
         return 0
     if state.model.config != config or state.train_state is None:
+        return 0
+    recipe = {k: v for k, v in _settings_dict(settings).items() if k != "epochs"}
+    saved = {k: v for k, v in state.train_state.get("settings", {}).items() if k != "epochs"}
+    if saved != recipe:
         return 0
     return len(state.train_state["history"])
 
@@ -254,12 +264,13 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
 
         clock = time.perf_counter()
         checkpoints, jobs = [], []
-        settings = TrainSettings(epochs=size.epochs, batch_size=size.batch_size, seed=size.seed)
+        settings = TrainSettings(epochs=size.epochs, audio_warmup_epochs=size.audio_warmup_epochs,
+                                 look_epochs=size.look_epochs, batch_size=size.batch_size, seed=size.seed)
         for slug, overrides in METHODS:
             config = base.with_overrides(list(overrides)).replace(num_classes=len(classes))
             run_dir = here / "runs" / slug
             checkpoints.append(run_dir / "best.pt")
-            done, total = _epochs_done(run_dir, config), _total_epochs(config, settings)
+            done, total = _epochs_done(run_dir, config, settings), _total_epochs(config, settings)
             if done >= total and (run_dir / "best.pt").is_file():
                 log(f"demo: {slug}: reusing {run_dir / 'best.pt'}")
                 continue

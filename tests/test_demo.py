@@ -11,8 +11,12 @@ from avgn_fast.cli import build_parser
 from avgn_fast.training import TrainSettings
 
 # 12 videos (7 train / 1 val / 4 test) of AVSynth's smallest layout, one epoch: the orchestration, not accuracy
-TINY = demo.DemoSize("test", train=7, val=1, test=4, epochs=1, batch_size=4, thresholds=1, sizes=False,
-                     overrides=("num_frames=8", "k=2"))
+TINY = demo.DemoSize("test", train=7, val=1, test=4, epochs=1, audio_warmup_epochs=1, look_epochs=1, batch_size=4,
+                     thresholds=1, sizes=False, overrides=("num_frames=8", "k=2"))
+
+
+def _settings(epochs: int) -> TrainSettings:
+    return TrainSettings(epochs=epochs, audio_warmup_epochs=TINY.audio_warmup_epochs, look_epochs=TINY.look_epochs)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +46,7 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
         ckpt = load_checkpoint(here / "runs" / slug / "best.pt")
         assert ckpt.model.config == TINY.config().with_overrides(list(overrides)).replace(num_classes=8)
         history = load_checkpoint(here / "runs" / slug / "last.pt").train_state["history"]
-        assert len(history) == demo._total_epochs(ckpt.model.config, TrainSettings(epochs=1))
+        assert len(history) == demo._total_epochs(ckpt.model.config, _settings(1))
         # every epoch's line came back from the worker processes
         assert sum(line.startswith(f"  {slug}: epoch=") for line in lines) == len(history)
     assert {p.method for p in result.points if p.exit_threshold is not None} == set(result.methods)
@@ -73,7 +77,7 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     assert sum(line.startswith("demo: training") and "resuming" in line for line in lines) == len(slugs)
     for slug in slugs:
         ckpt = load_checkpoint(here / "runs" / slug / "last.pt")
-        total = demo._total_epochs(ckpt.model.config, TrainSettings(epochs=2))
+        total = demo._total_epochs(ckpt.model.config, _settings(2))
         assert [h["epoch"] for h in ckpt.train_state["history"]] == list(range(1, total + 1))
 
 

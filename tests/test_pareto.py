@@ -92,7 +92,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pareto")
     data = write_dataset(root / "data", 16, seed=4, config=SMALL, splits=(0.5, 0.25, 0.25))
     common = ["--data", str(data), "--set", "num_frames=8", "--set", "k=2", "--epochs", "1", "--batch-size", "4",
-              "--cache-dir", str(root / "cache")]
+              "--audio-warmup-epochs", "0", "--look-epochs", "0", "--cache-dir", str(root / "cache")]
     for name, overrides in RUNS.items():
         sets = [arg for item in overrides for arg in ("--set", item)]
         assert cli_main(["train", *common, *sets, "--out", str(root / name)]) == 0

@@ -22,7 +22,8 @@ from avgn_fast.training import (
     saliency_ranking_loss,
     train_model,
 )
-from avgn_fast.training.losses import candidate_patches
+from avgn_fast.training.losses import candidate_patches, instance_cross_entropy, look_losses
+from avgn_fast.training.trainer import _schedule
 
 # AVSynth's smallest layout (8 frames) keeps the training tests fast
 SMALL = AVGNConfig.from_name("tiny", num_frames=8, k=2)
@@ -83,7 +84,7 @@ def test_a_few_steps_lower_the_loss(synth):
     torch.manual_seed(0)
     model = AVGN(SMALL)
     frames, mel, labels, present = synth.frames, synth.mel, synth.labels, synth.audio_present
-    weights = LossWeights()
+    weights = LossWeights(random_patch=0.5)  # off by default; every term here
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
 
     def loss():
@@ -115,19 +116,82 @@ def test_every_baseline_trains(synth, switch):
     assert trained >= {"local", "classifier"} | ({"visual"} if model.visual is not None else set())
 
 
+def test_instance_cross_entropy_against_plain_cross_entropy():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 5, 4) * 2, torch.tensor([2, 0, 3])
+    per_instance = torch.stack([torch.stack([-logits[b, n].log_softmax(-1)[labels[b]] for n in range(5)])
+                                for b in range(3)])  # (B, N), computed independently of F.cross_entropy
+    # mix=1: every instance counts alike
+    torch.testing.assert_close(instance_cross_entropy(logits, labels, mix=1.0), per_instance.mean(),
+                               **tol(torch.float32))
+    # mix=0: instances weighted by softmax(-CE), the telling ones first
+    focus = (-per_instance).softmax(1)
+    torch.testing.assert_close(instance_cross_entropy(logits, labels, mix=0.0), (focus * per_instance).sum(1).mean(),
+                               **tol(torch.float32))
+    # the weights are detached: the gradient on each instance's logits is its weight times d CE
+    x = logits.clone().requires_grad_(True)
+    instance_cross_entropy(x, labels, mix=0.5).backward()
+    grad_true = x.grad[torch.arange(3)[:, None], torch.arange(5), labels[:, None]]  # (B, N): -(1 - p) · w / B
+    p_true = logits.softmax(-1)[torch.arange(3)[:, None], torch.arange(5), labels[:, None]]
+    torch.testing.assert_close(grad_true, -(1 - p_true) * (0.5 / 5 + 0.5 * focus) / 3, **tol(torch.float32))
+    # a bag of weight 0 (a video without audio) does not count
+    weight = torch.tensor([1.0, 0.0, 1.0])
+    torch.testing.assert_close(instance_cross_entropy(logits, labels, weight=weight),
+                               instance_cross_entropy(logits[[0, 2]], labels[[0, 2]]), **tol(torch.float32))
+
+
+def test_look_losses_teach_where_to_look_and_leave_the_audio_alone(synth):
+    torch.manual_seed(0)
+    model = AVGN(SMALL)
+    frames, mel, labels, present = synth.frames[:4], synth.mel[:4], synth.labels[:4], synth.audio_present[:4]
+    out = look_losses(model, frames, mel, labels, present, LossWeights())
+    assert set(out) == {"aux_audio", "saliency", "search_mil", "patch_search", "total", "logits"}
+    assert out["logits"].shape == (4, 1, SMALL.num_classes)
+    out["total"].backward()
+    trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    assert trained >= {"audio", "avtest", "aespa", "local", "visual", "aux_heads"}
+    assert "classifier" not in trained  # the classifier waits for the joint stage
+    # AV-TeST's and the policy's losses read the audio detached: they leave the audio encoder alone
+    model.zero_grad(set_to_none=True)
+    out = look_losses(model, frames, mel, labels, present, LossWeights())
+    (out["saliency"] + out["patch_search"]).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.audio.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in model.avtest.parameters())
+
+
+def test_stages_per_switch():
+    settings = TrainSettings(epochs=2, audio_warmup_epochs=1, look_epochs=2)
+    assert settings.stages(SMALL) == ["audio", "look", "look", "joint", "joint"]
+    # no audio teacher: no warm-up, and the look epochs are joint epochs (about the same training time)
+    assert settings.stages(SMALL.replace(audio=False)) == ["joint"] * 4
+    assert settings.stages(SMALL.replace(dense=True)) == ["audio"] + ["joint"] * 4
+
+
+def test_learning_rate_ramps_at_each_stage_and_decays_in_the_joint_stage():
+    settings = TrainSettings(epochs=2, audio_warmup_epochs=1, look_epochs=1, lr_warmup_epochs=0.5)
+    factor = _schedule(settings, 10, settings.stages(SMALL))  # 10 steps per epoch, ramps of 5 steps
+    assert [factor(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factor(9) == 1.0
+    assert [factor(s) for s in range(10, 15)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # look stage
+    assert factor(19) == 1.0
+    assert [factor(s) for s in range(20, 25)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # joint stage
+    joint = [factor(s) for s in range(25, 40)]
+    assert all(a > b for a, b in zip(joint, joint[1:])) and joint[-1] < 0.02  # cosine towards 0
+
+
 def _same_weights(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_training_is_deterministic_and_resumes_exactly(synth, tmp_path):
-    settings = TrainSettings(epochs=2, audio_warmup_epochs=1, batch_size=4, seed=3)
+    settings = TrainSettings(epochs=2, audio_warmup_epochs=1, look_epochs=1, batch_size=4, seed=3)
     first = train_model(SMALL, synth, synth, settings=settings, epochs=2)
     second = train_model(SMALL, synth, synth, settings=settings, epochs=2)
     assert _same_weights(first.model, second.model)
     assert first.history == second.history
-    assert [h["stage"] for h in first.history] == ["audio", "joint", "joint"]
+    assert [h["stage"] for h in first.history] == ["audio", "look", "joint", "joint"]
     assert {"train_top1", "loss_total", "val_top1", "val_mean_ap", "val_gflops"} <= set(first.history[-1])
-    assert "val_top1" not in first.history[0]
+    assert "val_top1" not in first.history[0] and "val_top1" not in first.history[1]
 
     class Interrupted(Exception):
         pass
@@ -155,7 +219,7 @@ def test_train_and_eval_cli_end_to_end(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", 8, seed=2, config=SMALL, splits=(0.5, 0.25, 0.25))
     run = tmp_path / "run"
     common = ["--data", str(data), "--config", "tiny", "--set", "num_frames=8", "--set", "k=2", "--out", str(run),
-              "--batch-size", "2", "--seed", "1", "--audio-warmup-epochs", "1"]
+              "--batch-size", "2", "--seed", "1", "--audio-warmup-epochs", "1", "--look-epochs", "0"]
     assert cli_main(["train", *common, "--epochs", "1"]) == 0
     assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
     history = json.loads((run / "history.json").read_text())

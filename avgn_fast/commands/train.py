@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--audio-warmup-epochs", type=int, default=defaults.audio_warmup_epochs,
                         help="cheap first-stage epochs training only the audio encoder (skipped without audio); "
                         f"default: {defaults.audio_warmup_epochs}")
+    parser.add_argument("--look-epochs", type=int, default=defaults.look_epochs,
+                        help="second-stage epochs where AV-TeST, the policy and the local encoder learn from the "
+                        f"audio (joint epochs without audio); default: {defaults.look_epochs}")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of initialisation, batch order and "
                         f"random patches; default: {defaults.seed}")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
@@ -51,7 +54,8 @@ def add_arguments(parser) -> None:
 
 
 def main(data, out, config: str = "tiny", epochs: int = TrainSettings.epochs, set: Sequence[str] = (),
-         audio_warmup_epochs: int = TrainSettings.audio_warmup_epochs, seed: int = TrainSettings.seed,
+         audio_warmup_epochs: int = TrainSettings.audio_warmup_epochs,
+         look_epochs: int = TrainSettings.look_epochs, seed: int = TrainSettings.seed,
          batch_size: int = TrainSettings.batch_size, lr: float = TrainSettings.lr,
          init_visual=None, init_local=None, resume: bool = False, train_split: str = "train",
          val_split: str | None = "val", cache_dir=None, device: str = "cpu", progress: bool = True) -> int:
@@ -76,8 +80,8 @@ def main(data, out, config: str = "tiny", epochs: int = TrainSettings.epochs, se
         if not len(dataset):
             raise ValueError(f"{data}: no decodable videos in the {name} split")
 
-    settings = TrainSettings(epochs=epochs, audio_warmup_epochs=audio_warmup_epochs, batch_size=batch_size, lr=lr,
-                             seed=seed)
+    settings = TrainSettings(epochs=epochs, audio_warmup_epochs=audio_warmup_epochs, look_epochs=look_epochs,
+                             batch_size=batch_size, lr=lr, seed=seed)
     torch.manual_seed(seed)
     model = AVGN(cfg)
     if init_visual is not None and not resume:

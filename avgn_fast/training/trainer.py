@@ -14,23 +14,29 @@ from tqdm import tqdm
 from avgn_fast.checkpoint import load_checkpoint, save_checkpoint
 from avgn_fast.config import AVGNConfig
 from avgn_fast.models.avgn import AVGN
-from avgn_fast.training.losses import LossWeights, audio_warmup_losses, avgn_losses
+from avgn_fast.training.losses import LossWeights, audio_warmup_losses, avgn_losses, look_losses
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimisation recipe: AdamW with gradient clipping, in two stages.
+    """Optimisation recipe: AdamW in three stages, the gradient norm clipped per part of the model.
 
-    Stage 1, ``audio_warmup_epochs`` cheap epochs (skipped without audio): only the audio encoder
-    and, on the frames its auxiliary head finds most telling, the local encoder train (see
-    ``audio_warmup_losses``), so that the per-frame teacher can tell frames apart and the local
-    head can read patches when the joint stage starts. Stage 2, ``epochs`` joint epochs with every
-    loss. Each stage warms the learning rate up linearly over ``lr_warmup_epochs``; stage 2 then
-    decays it with a cosine.
+    Stage 1, ``audio_warmup_epochs`` cheap epochs: only the audio encoder and its head learn, the
+    frames of a video as multiple instances (``audio_warmup_losses``). Stage 2, ``look_epochs``:
+    the audio head names the telling frames; AV-TeST learns to rank frames like it, and on the best
+    frame the local encoder learns from candidate patches while the policy learns to point at the
+    best one (``look_losses``). Stage 3, ``epochs`` joint epochs with every loss (``avgn_losses``).
+    Without audio there is no teacher for stages 1-2: the audio warm-up is skipped and the look
+    epochs become joint epochs, so every switch trains for about the same time (``stages``). Each stage warms the
+    learning rate up linearly over ``lr_warmup_epochs``; the joint stage then decays it with a
+    cosine. Each top-level part (encoders, AV-TeST, AESPA, classifier, heads) has its gradient norm
+    clipped to ``grad_clip`` on its own, so a spike in one part's losses does not shrink the
+    others' steps.
     """
 
-    epochs: int = 12
-    audio_warmup_epochs: int = 6
+    epochs: int = 8
+    audio_warmup_epochs: int = 3
+    look_epochs: int = 3
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -40,9 +46,20 @@ class TrainSettings:
     losses: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self):
-        if self.epochs < 1 or self.audio_warmup_epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"bad settings: {self.epochs=} {self.audio_warmup_epochs=} {self.batch_size=} "
-                             f"{self.lr=}")
+        if (self.epochs < 1 or self.audio_warmup_epochs < 0 or self.look_epochs < 0 or self.batch_size < 1
+                or self.lr <= 0):
+            raise ValueError(f"bad settings: {self.epochs=} {self.audio_warmup_epochs=} {self.look_epochs=} "
+                             f"{self.batch_size=} {self.lr=}")
+
+    def stages(self, config: AVGNConfig) -> list[str]:
+        """The stage of every epoch ("audio", "look", "joint") for a model of ``config``.
+
+        Without audio there is no warm-up; without audio or without patches (dense) the look
+        epochs are joint epochs.
+        """
+        audio = ["audio"] * self.audio_warmup_epochs if config.audio else []
+        look = "look" if config.audio and not config.dense else "joint"
+        return audio + [look] * self.look_epochs + ["joint"] * self.epochs
 
 
 class TensorSource:
@@ -142,18 +159,22 @@ class TrainResult:
     best: dict | None
 
 
-def _schedule(settings: TrainSettings, steps_per_epoch: int, warmup_stage_epochs: int) -> Callable[[int], float]:
+def _schedule(settings: TrainSettings, steps_per_epoch: int, stages: list[str]) -> Callable[[int], float]:
+    """Learning-rate factor per optimizer step: a linear ramp at the start of each stage, then constant
+    (audio, look) or a cosine decay to 0 (joint)."""
     ramp = max(1, round(settings.lr_warmup_epochs * steps_per_epoch))
-    first = warmup_stage_epochs * steps_per_epoch
-    joint = settings.epochs * steps_per_epoch
+    starts = [i for i, stage in enumerate(stages) if i == 0 or stage != stages[i - 1]]
 
     def factor(step: int) -> float:
-        if step < first:
-            return min(1.0, (step + 1) / ramp)
-        step -= first
+        epoch = min(step // steps_per_epoch, len(stages) - 1)
+        first = max(i for i in starts if i <= epoch)
+        length = (next((i for i in starts if i > first), len(stages)) - first) * steps_per_epoch
+        step -= first * steps_per_epoch
         if step < ramp:
             return (step + 1) / ramp
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - ramp) / max(1, joint - ramp))))
+        if stages[first] != "joint":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - ramp) / max(1, length - ramp))))
 
     return factor
 
@@ -168,10 +189,11 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
     """
     out_dir = None if out_dir is None else Path(out_dir)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-    warmup_epochs = settings.audio_warmup_epochs if model.audio is not None else 0
-    total_epochs = warmup_epochs + settings.epochs
+    stages = settings.stages(model.config)
+    total_epochs = len(stages)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, steps_per_epoch, warmup_epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, steps_per_epoch, stages))
+    parts = [part for part in model.children() if any(p.requires_grad for p in part.parameters())]
     history, best, best_state, start_epoch = [], None, None, 0
     if resume:
         if out_dir is None or not (out_dir / "last.pt").is_file():
@@ -191,7 +213,7 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
 
     for epoch in range(start_epoch, total_epochs):
         model.train()
-        stage = "audio" if epoch < warmup_epochs else "joint"
+        stage = stages[epoch]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch))
         sums, correct = {}, 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{total_epochs} ({stage})", unit="batch",
@@ -199,13 +221,12 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
         for step in bar:
             frames, mel, labels, present = (t.to(device) for t in
                                             train.batch(order[step * settings.batch_size:][:settings.batch_size]))
-            if stage == "audio":
-                out = audio_warmup_losses(model, frames, mel, labels, present, settings.losses)
-            else:
-                out = avgn_losses(model, frames, mel, labels, present, settings.losses)
+            losses = {"audio": audio_warmup_losses, "look": look_losses, "joint": avgn_losses}[stage]
+            out = losses(model, frames, mel, labels, present, settings.losses)
             optimizer.zero_grad(set_to_none=True)
             out["total"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            for part in parts:
+                torch.nn.utils.clip_grad_norm_(part.parameters(), settings.grad_clip)
             optimizer.step()
             scheduler.step()
             for name, value in out.items():
@@ -245,8 +266,8 @@ def _settings_dict(settings: TrainSettings) -> dict:
     return d
 
 
-def train_model(config: AVGNConfig, train_batch, val_batch=None, epochs: int = 12, *, class_names=None,
-                settings: TrainSettings | None = None, out_dir=None, progress: bool = False,
+def train_model(config: AVGNConfig, train_batch, val_batch=None, epochs: int = TrainSettings.epochs, *,
+                class_names=None, settings: TrainSettings | None = None, out_dir=None, progress: bool = False,
                 log: Callable[[str], None] | None = None, **overrides) -> TrainResult:
     """Build an AVGN for ``config`` and train it on in-memory videos (e.g. ``generate_tensors`` output).
 
