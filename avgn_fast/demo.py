@@ -72,10 +72,9 @@ class DemoSize:
         return AVGNConfig.from_name("tiny").with_overrides(list(self.overrides))
 
 
-# Planned from costs measured on 2 cores shared with other work (load ~5), one torch thread per
-# process, ms per video: writing AVSynth ~310, decoding ~100, training as in DEAREST_FIRST (with the
-# default 6 audio warm-up epochs and 3 joint epochs, ~575 per training video in each of two
-# processes), the sweep ~15 per video and setting. Full: ~7 min data, ~8-10 min training, ~2.5 min sweep.
+# Full is AVSynth's default split. Measured on 2 cores, one torch thread per process (2026-11-26):
+# writing ~0.3 s and decoding ~0.1 s per video (under load from other jobs), training the four methods
+# in two processes 19 min (AVGN 11 min of it), the sweep 3.4 min: about 35 min from scratch.
 SIZES = {
     "full": DemoSize("full", train=1100, val=200, test=500, epochs=8),
     "quick": DemoSize("quick", train=100, val=25, test=50, epochs=2, audio_warmup_epochs=1, look_epochs=1,

@@ -179,6 +179,25 @@ def test_learning_rate_ramps_at_each_stage_and_decays_in_the_joint_stage():
     assert all(a > b for a, b in zip(joint, joint[1:])) and joint[-1] < 0.02  # cosine towards 0
 
 
+def test_gradient_norms_are_clipped_per_model_part(synth, monkeypatch):
+    from avgn_fast.training import trainer
+
+    clipped = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def record(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        clipped.append({id(p) for p in parameters})
+        return real(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.torch.nn.utils, "clip_grad_norm_", record)
+    settings = TrainSettings(epochs=1, audio_warmup_epochs=0, look_epochs=0, batch_size=8, seed=0)
+    model = AVGN(SMALL)
+    fit(model, TensorSource.of(synth), None, settings=settings, class_names=list(synth.class_names))
+    parts = [{id(p) for p in part.parameters()} for part in model.children() if any(True for _ in part.parameters())]
+    assert len(parts) >= 6 and clipped == parts  # one step, one clip per part, each part on its own
+
+
 def _same_weights(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
