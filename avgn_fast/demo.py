@@ -73,8 +73,8 @@ class DemoSize:
 
 
 # Full is AVSynth's default split. Measured on 2 cores, one torch thread per process (2026-11-26):
-# writing ~0.3 s and decoding ~0.1 s per video (under load from other jobs), training the four methods
-# in two processes 19 min (AVGN 11 min of it), the sweep 3.4 min: about 35 min from scratch.
+# writing 0.13 s and decoding 0.04 s per video (a --quick run: 1.5 min in all), training the four
+# methods in two processes 19 min (AVGN 11 min of it), the sweep 3.4 min: about 30 min from scratch.
 SIZES = {
     "full": DemoSize("full", train=1100, val=200, test=500, epochs=8),
     "quick": DemoSize("quick", train=100, val=25, test=50, epochs=2, audio_warmup_epochs=1, look_epochs=1,
