@@ -22,7 +22,12 @@ from avgn_fast.training import (
     saliency_ranking_loss,
     train_model,
 )
-from avgn_fast.training.losses import candidate_patches, instance_cross_entropy, look_losses
+from avgn_fast.training.losses import (
+    audio_warmup_losses,
+    candidate_patches,
+    instance_cross_entropy,
+    look_losses,
+)
 from avgn_fast.training.trainer import _schedule
 
 # AVSynth's smallest layout (8 frames) keeps the training tests fast
@@ -157,6 +162,11 @@ def test_look_losses_teach_where_to_look_and_leave_the_audio_alone(synth):
     (out["saliency"] + out["patch_search"]).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.audio.parameters())
     assert any(p.grad is not None and p.grad.any() for p in model.avtest.parameters())
+    # the audio warm-up searches only when asked to, and has no glance for the policy
+    assert set(audio_warmup_losses(model, frames, mel, labels, present, LossWeights())) == {"aux_audio", "total",
+                                                                                             "logits"}
+    warm = audio_warmup_losses(model, frames, mel, labels, present, LossWeights(warmup_search_frames=1))
+    assert set(warm) == {"aux_audio", "search_mil", "total", "logits"}
 
 
 def test_stages_per_switch():

@@ -179,8 +179,7 @@ def audio_warmup_losses(model: AVGN, frames, mel, labels, audio_present, weights
     terms = {"aux_audio": audio_loss(audio_logits, labels, audio_present, weights)}
     if not model.config.dense and weights.warmup_search_frames:
         searched = true_class_prob(audio_logits.detach(), labels).topk(weights.warmup_search_frames, dim=1).indices
-        terms["search_mil"] = patch_search(model, frames, searched, labels, search_grid_size(model, weights),
-                                           weights)[0]
+        terms.update(search_terms(model, frames, None, searched, labels, weights))
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return {**terms, "total": total, "logits": audio_logits.detach().mean(1, keepdim=True)}
 
@@ -204,14 +203,24 @@ def look_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWe
         terms["saliency"] = saliency_ranking_loss(model.saliency(guide), teacher, weights.saliency_temperature)
     if not model.config.dense and weights.search_frames:
         searched = teacher.topk(weights.search_frames, dim=1).indices
-        mil, target, weight = patch_search(model, frames, searched, labels, search_grid_size(model, weights), weights,
-                                           freeze_bn=False)  # the only patches the local encoder sees here
-        terms["search_mil"] = mil
-        if model.aespa is not None:
-            error = F.smooth_l1_loss(model.locate(guide, searched), target, reduction="none", beta=0.1).sum(-1)
-            terms["patch_search"] = (weight * error).mean()
+        # the candidates are the only patches the local encoder sees in this stage: they keep its BN statistics
+        terms.update(search_terms(model, frames, guide, searched, labels, weights, freeze_bn=False))
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return {**terms, "total": total, "logits": audio_logits.detach().mean(1, keepdim=True)}
+
+
+def search_terms(model: AVGN, frames, guide: GlanceFeatures | None, searched, labels, weights: LossWeights, *,
+                 freeze_bn: bool = True) -> dict[str, torch.Tensor]:
+    """Patch search on the ``searched`` frames (B, F): ``search_mil``, and with a policy and glance
+    features ``guide`` also ``patch_search``: the policy's distance to the best candidate, weighted by
+    how much that candidate stands out."""
+    mil, target, weight = patch_search(model, frames, searched, labels, search_grid_size(model, weights), weights,
+                                       freeze_bn=freeze_bn)
+    terms = {"search_mil": mil}
+    if guide is not None and model.aespa is not None:
+        error = F.smooth_l1_loss(model.locate(guide, searched), target, reduction="none", beta=0.1).sum(-1)
+        terms["patch_search"] = (weight * error).mean()
+    return terms
 
 
 def audio_loss(audio_logits, labels, audio_present, weights: LossWeights) -> torch.Tensor:
@@ -276,11 +285,7 @@ def avgn_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWe
         random_local = model.local_features(model.crop(frames, kept, torch.rand_like(a)), b)
         terms["random_patch"] = frame_cross_entropy(heads["local"](random_local), labels)
     if not model.config.dense and weights.search_frames:
-        mil, target, weight = patch_search(model, frames, searched, labels, search_grid_size(model, weights), weights)
-        terms["search_mil"] = mil
-        if model.aespa is not None:
-            error = F.smooth_l1_loss(model.locate(guide, searched), target, reduction="none", beta=0.1).sum(-1)
-            terms["patch_search"] = (weight * error).mean()
+        terms.update(search_terms(model, frames, guide, searched, labels, weights))
 
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return {**terms, "total": total, "logits": logits.detach()}
