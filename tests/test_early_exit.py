@@ -15,12 +15,7 @@ from avgn_fast.models.classifier import exit_steps
 BATCH = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
 
 
 def random_model(config, seed=0):

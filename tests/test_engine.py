@@ -26,12 +26,7 @@ CPU = torch.device("cpu")
 HAS_TENSORRT = importlib.util.find_spec("torch_tensorrt") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small shapes: one thread is fastest, and CI cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
 
 
 

@@ -19,12 +19,7 @@ STAGES = ["glance", "avtest", "aespa", "local", "head", "step_head"]
 BATCH = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small shapes: one thread is fastest, and CI cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
 
 
 

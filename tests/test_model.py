@@ -19,13 +19,7 @@ from avgn_fast.models.avtest import AVTeST, top_k_frames, uniform_frames
 from avgn_fast.models.backbones import make_divisible
 from avgn_fast.models.classifier import StepClassifier, exit_steps
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest, and CI cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
 
 
 def make_inputs(config, b=2, seed=0):

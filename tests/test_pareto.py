@@ -21,12 +21,7 @@ SMALL = AVGNConfig.from_name("tiny", num_frames=8, k=2)
 RUNS = {"avgn": [], "uniform": ["temporal=uniform", "spatial=center", "audio=false"], "dense": ["dense=true"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest, and CI cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
 
 
 def test_frontier_on_hand_made_points():

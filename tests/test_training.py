@@ -34,12 +34,7 @@ from avgn_fast.training.trainer import _schedule
 SMALL = AVGNConfig.from_name("tiny", num_frames=8, k=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest, and CI cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
 
 
 @pytest.fixture(scope="module")
