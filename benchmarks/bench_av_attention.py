@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
-from avgn_fast.kernels.av_attention import av_attention, av_attention_ref
+
+# benchmarks/ is on sys.path, run as a script or imported by gpu_check
+from gpu_check import bootstrap, measure_copy_gbps, run_checks
+
+bootstrap()  # avgn_fast.kernels from the source tree when the package is not installed
+from avgn_fast.kernels.av_attention import av_attention, av_attention_ref  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tolerances import tol  # noqa: E402  (the one tolerance table lives beside the tests)
@@ -33,6 +38,7 @@ PROVIDERS = ("ours", "eager", "sdpa")
 TARGET_SPEEDUP = 1.5  # over the faster of eager and SDPA, every shape
 TARGET_FLOOR_PCT = 70.0  # of the bytes floor, first shape
 BENCH_BUDGET_S = 60.0
+BENCH_DTYPES = ("fp16", "bf16")  # gpu_check's order: fp16 on every shape first
 DEVICE = "cuda"
 
 
@@ -53,14 +59,6 @@ def attention_bytes(b, h, lq, lk, d, dtype) -> int:
 def attention_flops(b, h, lq, lk, d) -> int:
     """Two matmuls of B·H·Lq·Lk·D multiply-adds each."""
     return 2 * 2 * b * h * lq * lk * d
-
-
-def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, bytes read + written, median of triton.testing.do_bench."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * nbytes / ms / 1e6
 
 
 def _inputs(shape, dtype, seed=0):
@@ -116,6 +114,27 @@ def headline(rows) -> list[tuple[str, str]]:
         summary.append((f"av_attention % of bytes floor at {first['shape']} fp16",
                         f"{first['pct_floor']:.0f}% (target >= {TARGET_FLOOR_PCT:.0f}%: {met})"))
     return summary
+
+
+def target_checks(rows) -> dict[str, tuple[bool, str]]:
+    """The issue's targets as checks: every timed (shape, dtype) >= 1.5x the faster baseline; the first shape's
+    fp16 row >= 70 % of the bytes floor."""
+    by_key = {(r["shape"], r["dtype"], r["provider"]): r for r in rows}
+    speedups = {}
+    for shape, dtype_name in dict.fromkeys((r["shape"], r["dtype"]) for r in rows):
+        base = [by_key[(shape, dtype_name, p)]["ms"] for p in ("eager", "sdpa") if (shape, dtype_name, p) in by_key]
+        if (shape, dtype_name, "ours") in by_key and base:
+            speedups[f"{shape} {dtype_name}"] = min(base) / by_key[(shape, dtype_name, "ours")]["ms"]
+    checks = {}
+    if speedups:
+        worst = min(speedups, key=speedups.get)
+        checks[f"av_attention >= {TARGET_SPEEDUP}x the faster of eager/SDPA on every timed shape"] = (
+            speedups[worst] >= TARGET_SPEEDUP, f"lowest {speedups[worst]:.2f}x at {worst}")
+    first = by_key.get(("x".join(map(str, SHAPES[0])), "fp16", "ours"))
+    if first is not None:
+        checks[f"av_attention {first['shape']} fp16 >= {TARGET_FLOOR_PCT:.0f}% of the bytes floor"] = (
+            first["pct_floor"] >= TARGET_FLOOR_PCT, f"{first['pct_floor']:.0f}%")
+    return checks
 
 
 # ---- correctness on the GPU
@@ -206,7 +225,7 @@ def _check_compile() -> tuple[bool, str]:
 
 
 def correctness_checks() -> dict[str, tuple[bool, str]]:
-    """Name -> (passed, detail); an exception fails that check only, with its message as the detail."""
+    """Name -> (passed, detail), through ``gpu_check.run_checks``."""
     checks = {}
     for shape, dtype, mask_mode, strided in CHECK_CASES:
         checks[f"av_attention {'x'.join(map(str, shape))} {str(dtype).split('.')[-1]} mask={mask_mode} "
@@ -214,12 +233,7 @@ def correctness_checks() -> dict[str, tuple[bool, str]]:
     checks["av_attention op matches launcher"] = _check_op_matches_launcher
     checks["av_attention opcheck on CUDA"] = _check_opcheck
     checks["av_attention torch.compile"] = _check_compile
-    for name, check in checks.items():
-        try:
-            checks[name] = check()
-        except Exception as e:  # noqa: BLE001  (report and go on: device time is scarce)
-            checks[name] = (False, f"{type(e).__name__}: {e}")
-    return checks
+    return run_checks(checks)
 
 
 def gpu_check(copy_gbps: float) -> dict:
@@ -227,12 +241,13 @@ def gpu_check(copy_gbps: float) -> dict:
     checks = correctness_checks()
     rows, skipped = [], []
     deadline = time.perf_counter() + BENCH_BUDGET_S
-    for dtype_name in ("fp16", "bf16"):
+    for dtype_name in BENCH_DTYPES:
         for shape in SHAPES:
             if time.perf_counter() > deadline:
                 skipped.append(f"{'x'.join(map(str, shape))} {dtype_name}")
                 continue
             rows += [bench_row(shape, dtype_name, p, copy_gbps) for p in PROVIDERS]
+    checks.update(target_checks(rows))
     summary = [(name, f"{'ok' if ok else 'FAILED'}: {detail}") for name, (ok, detail) in checks.items()]
     summary += headline(rows)
     if skipped:
@@ -243,7 +258,7 @@ def gpu_check(copy_gbps: float) -> dict:
 def main(dtypes=("fp16", "bf16"), shapes=tuple(SHAPES)) -> list[dict]:
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}")
-    copy_gbps = measure_copy_gbps()
+    copy_gbps = measure_copy_gbps(DEVICE)
     print(f"# device copy: {copy_gbps:.0f} GB/s; bytes = (2·B·H·Lq·D + 2·B·H·Lk·D)·itemsize")
     print(f"{'shape':>20} {'dtype':>5} {'provider':>8} {'ms':>8} {'GB/s':>7} {'TFLOP/s':>8} {'% floor':>8}")
     rows = []

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
-from gpu_check import bootstrap  # benchmarks/ is on sys.path, run as a script or imported by gpu_check
+
+# benchmarks/ is on sys.path, run as a script or imported by gpu_check
+from gpu_check import bootstrap, measure_copy_gbps, run_checks
 
 bootstrap()  # avgn_fast.kernels from the source tree when the package is not installed
 from avgn_fast.kernels.crop_patches import crop_patches, crop_patches_ref  # noqa: E402
@@ -68,14 +70,6 @@ def patch_bytes(case: Case) -> int:
     """Patch read (input dtype) + patch written (fp16): the bytes a perfect crop moves."""
     c = FRAME[0]
     return case.n * c * case.p * case.p * (DTYPES[case.dtype].itemsize + OUT_DTYPE.itemsize)
-
-
-def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, bytes read + written, median of triton.testing.do_bench."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * nbytes / ms / 1e6
 
 
 @functools.lru_cache(maxsize=1)
@@ -314,7 +308,7 @@ CHECK_CASES = [
 
 
 def correctness_checks() -> dict[str, tuple[bool, str]]:
-    """Name -> (passed, detail); an exception fails that check only, with its message as the detail."""
+    """Name -> (passed, detail), through ``gpu_check.run_checks``."""
     checks = {}
     for dtype, layout, use_index, normalize, channels_last, out_dtype in CHECK_CASES:
         name = (f"crop_patches {str(dtype).split('.')[-1]} {layout} index={use_index} normalize={normalize} "
@@ -324,12 +318,7 @@ def correctness_checks() -> dict[str, tuple[bool, str]]:
     checks["crop_patches bad index raises"] = _check_bad_index_raises
     checks["crop_patches op matches launcher"] = _check_op_matches_launcher
     checks["crop_patches torch.compile"] = _check_compile
-    for name, check in checks.items():
-        try:
-            checks[name] = check()
-        except Exception as e:  # noqa: BLE001  (report and go on: device time is scarce)
-            checks[name] = (False, f"{type(e).__name__}: {e}")
-    return checks
+    return run_checks(checks)
 
 
 def gpu_check(copy_gbps: float) -> dict:
@@ -363,7 +352,7 @@ def gpu_check(copy_gbps: float) -> dict:
 def main(ns=(512, 2048), ps=(96, 128, 160), dtypes=("fp16", "uint8")) -> list[dict]:
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}")
-    copy_gbps = measure_copy_gbps()
+    copy_gbps = measure_copy_gbps(DEVICE)
     print(f"# device copy: {copy_gbps:.0f} GB/s; frames {FRAME}; fp16 out; "
           f"bytes = N·C·P²·(in itemsize + out itemsize); roi_align: {'yes' if roi_align else 'torchvision missing'}")
     print(f"{'case':>36} {'provider':>12} {'ms':>8} {'GB/s':>7} {'% copy':>7}")

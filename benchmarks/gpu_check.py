@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import sys
 import time
 import traceback
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+import triton.testing
 from torch.utils.flop_counter import FlopCounterMode
 from triton.testing import do_bench
 
@@ -66,6 +68,27 @@ def _bench_ms(fn) -> float:
     return do_bench(fn, return_mode="median")
 
 
+def measure_copy_gbps(device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, bytes read + written, median of ``triton.testing.do_bench`` (the
+    benchmarks' own ``__main__`` runs; ``gpu_check`` hands them its ``copy_bandwidth`` figure)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * nbytes / ms / 1e6
+
+
+def run_checks(checks: dict) -> dict[str, tuple[bool, str]]:
+    """Name -> check() -> (passed, detail); an exception fails that check only, with its message as the detail
+    (report and go on: device time is scarce)."""
+    results = {}
+    for name, check in checks.items():
+        try:
+            results[name] = check()
+        except Exception as e:  # noqa: BLE001
+            results[name] = (False, f"{type(e).__name__}: {e}")
+    return results
+
+
 def environment(copy_gbps: float) -> dict:
     try:
         import torchvision
@@ -73,15 +96,19 @@ def environment(copy_gbps: float) -> dict:
         tv_version = torchvision.__version__
     except ImportError:
         tv_version = "not installed"
-    props = torch.cuda.get_device_properties(0)
-    row = {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
-           "memory_gib": round(props.total_memory / 2**30, 1), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "triton": triton.__version__, "torchvision": tv_version,
+    if torch.device(DEVICE).type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        device = {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
+                  "memory_gib": round(props.total_memory / 2**30, 1)}
+    else:  # the CPU dry run (tests/test_gpu_check.py)
+        device = {"gpu": f"none ({DEVICE})", "capability": "-", "memory_gib": math.nan}
+    row = {**device, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+           "torchvision": tv_version, "python": platform.python_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
     summary = [("GPU", f"{row['gpu']} (sm {row['capability']}, {row['memory_gib']} GiB)"),
                ("versions", f"torch {row['torch']} (CUDA {row['cuda']}), triton {row['triton']}, "
-                            f"torchvision {row['torchvision']}")]
-    return {"checks": {"cuda available": True}, "rows": [row], "summary": summary}
+                            f"torchvision {row['torchvision']}, Python {row['python']}")]
+    return {"checks": {f"{DEVICE} available": True}, "rows": [row], "summary": summary}
 
 
 def copy_bandwidth(copy_gbps: float) -> dict:
@@ -196,20 +223,21 @@ def _external(name: str):
     return run
 
 
-def main() -> int:
-    bootstrap()
-    out_dir = Path(os.environ.get("OUT", "gpu_check_out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device visible; nothing to check", file=sys.stderr)
-        return 1
-    sections = [("environment", environment), ("copy_bandwidth", copy_bandwidth),
-                ("backbone_throughput", backbone_throughput), ("weights_compat", weights_compat)]
+def sections() -> list[tuple[str, object]]:
+    """(name, function) in the order they run: the built-in sections, then the benchmark files that exist."""
+    found = [("environment", environment), ("copy_bandwidth", copy_bandwidth),
+             ("backbone_throughput", backbone_throughput), ("weights_compat", weights_compat)]
     for name in SECTIONS:
         if (ROOT / "benchmarks" / f"{name}.py").exists():
-            sections.append((name, _external(name)))
+            found.append((name, _external(name)))
         else:
             print(f"[gpu_check] {name}: benchmarks/{name}.py not found, skipped", flush=True)
+    return found
+
+
+def run_sections(sections, out_dir: Path) -> dict:
+    """Run each section, isolated and timed; rewrite ``out_dir/gpu_check.json`` after each; print the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = {"sections": {}, "checks": {}, "rows": {}}
     summary: list[tuple[str, str]] = []
     copy_gbps = math.nan
@@ -244,7 +272,16 @@ def main() -> int:
     print(f"{'sections':<{width}}  " + ", ".join(f"{n} {s['seconds']:.0f}s" for n, s in report["sections"].items()))
     print(f"{'checks':<{width}}  {len(report['checks']) - len(failed)}/{len(report['checks'])} passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    return report
+
+
+def main() -> int:
+    bootstrap()
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible; nothing to check", file=sys.stderr)
+        return 1
+    report = run_sections(sections(), Path(os.environ.get("OUT", "gpu_check_out")))
+    return 1 if any(not ok for ok in report["checks"].values()) else 0
 
 
 if __name__ == "__main__":
