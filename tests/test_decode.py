@@ -175,6 +175,19 @@ def test_audio_windows_are_aligned_for_any_rate_and_layout(tmp_path, codec, samp
     assert (energy[0, :90] < SILENCE + 2).all() and energy[0, -1] > SILENCE + 8
 
 
+@pytest.mark.parametrize("codec, sample_rate", [("aac", 44100), ("aac", 16000), ("opus", 48000)])
+def test_sound_at_the_very_start_is_kept(tmp_path, codec, sample_rate):
+    """AAC in mp4 starts with a priming packet at a negative pts: a seek clamped to 0 skipped it and the first
+    decoded frame (~20-60 ms) came out near silent."""
+    suffix = ".webm" if codec == "opus" else ".mp4"
+    path = write_video(tmp_path / f"start{suffix}", codec="vp9" if codec == "opus" else "h264", audio=codec,
+                       sample_rate=sample_rate, channels=1, wave=burst_wave(sample_rate, 1, start=0.0, stop=0.04))
+    clip = decode_clip(path, num_frames=2, size=32, sample_rate=16000)
+    energy = clip.mel.mean(dim=1)  # (2, 100): the first window covers [0, 1) s
+    assert (energy[0, :4] > SILENCE + 8).all(), energy[0, :6]
+    assert (energy[0, 12:] < SILENCE + 2).all()
+
+
 def test_no_audio_stream_gives_silence(media):
     clip = decode_clip(media["avi"], num_frames=4, size=32, n_mels=16)
     assert not clip.audio_present and torch.equal(clip.mel, torch.full((4, 16, 100), SILENCE))

@@ -408,7 +408,9 @@ def _read_audio(container, stream, lo: float, hi: float, sample_rate: int, stats
     """Mono float32 samples at ``sample_rate`` covering [lo, hi] seconds and the time of the first one."""
     import av
 
-    container.seek(max(int(lo / stream.time_base), 0), stream=stream, backward=True)
+    # not clamped at 0: an AAC stream in mp4 starts with a priming packet at a negative pts, and a seek to 0
+    # skips it, so the decoder's first frame (the first ~20-60 ms of sound) comes out near silent
+    container.seek(math.floor(lo / stream.time_base), stream=stream, backward=True)
     stats.seeks += 1
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
     chunks, t0 = [], None
