@@ -124,7 +124,6 @@ def _epochs_done(run_dir: Path, config: AVGNConfig, settings: TrainSettings) -> 
     A run with another recipe (any setting but the number of joint epochs) is not continued.
     """
     from avgn_fast.checkpoint import load_checkpoint
-    from avgn_fast.training.trainer import _settings_dict
 
     last = run_dir / "last.pt"
     if not last.is_file():
@@ -135,7 +134,7 @@ def _epochs_done(run_dir: Path, config: AVGNConfig, settings: TrainSettings) -> 
         return 0
     if state.model.config != config or state.train_state is None:
         return 0
-    recipe = {k: v for k, v in _settings_dict(settings).items() if k != "epochs"}
+    recipe = {k: v for k, v in settings.as_dict().items() if k != "epochs"}
     saved = {k: v for k, v in state.train_state.get("settings", {}).items() if k != "epochs"}
     if saved != recipe:
         return 0

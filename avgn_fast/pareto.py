@@ -11,6 +11,7 @@ the current device (decoded clips already in memory). ``write_all`` writes ``par
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -297,11 +298,9 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError):  # not Linux: keep platform's answer
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:  # not Linux: keep platform's answer
-        pass
     threads = torch.get_num_threads()
     return f"CPU {name}, {threads} thread{'s' if threads > 1 else ''}"
 

@@ -218,7 +218,7 @@ def test_training_is_deterministic_and_resumes_exactly(synth, tmp_path):
     assert "val_top1" not in first.history[0] and "val_top1" not in first.history[1]
 
     class Interrupted(Exception):
-        pass
+        """Stands for a kill in the middle of an epoch."""
 
     def crash_after_first_epoch(line):
         if "stage=joint" in line:

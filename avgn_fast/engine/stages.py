@@ -12,6 +12,7 @@ eagerly (they are a constant or a random draw). The patch crop is no stage: it i
 
 from __future__ import annotations
 
+import abc
 import copy
 
 import torch
@@ -22,7 +23,7 @@ from avgn_fast.data.audio import frame_params
 from avgn_fast.models.avgn import AVGN, GlanceFeatures
 
 
-class Stage(nn.Module):
+class Stage(nn.Module, abc.ABC):
     """Base of the stages: positional tensors in ``inputs`` order, a tuple in ``outputs`` order."""
 
     name: str = ""
@@ -46,8 +47,9 @@ class Stage(nn.Module):
         with torch.autocast(args[0].device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             return self.compute(**dict(zip(self.inputs, args)))
 
+    @abc.abstractmethod
     def compute(self, **tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """The stage's work on its named inputs, in ``outputs`` order."""
 
     def extra_repr(self) -> str:
         return f"{self.inputs} -> {self.outputs}, dtype={self.dtype}"

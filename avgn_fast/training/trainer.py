@@ -51,6 +51,10 @@ class TrainSettings:
             raise ValueError(f"bad settings: {self.epochs=} {self.audio_warmup_epochs=} {self.look_epochs=} "
                              f"{self.batch_size=} {self.lr=}")
 
+    def as_dict(self) -> dict:
+        """Plain values (the loss weights nested), as saved in checkpoints and compared on resume."""
+        return asdict(self)
+
     def stages(self, config: AVGNConfig) -> list[str]:
         """The stage of every epoch ("audio", "look", "joint") for a model of ``config``.
 
@@ -246,7 +250,7 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
         if out_dir is not None:
             train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                            "rng": torch.get_rng_state(), "history": history, "best": best,
-                           "settings": _settings_dict(settings)}
+                           "settings": settings.as_dict()}
             save_checkpoint(out_dir / "last.pt", model, class_names=class_names, metrics=record,
                             train_state=train_state)
             if improved:
@@ -258,12 +262,6 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
     if best_state is not None:
         model.load_state_dict(best_state)
     return TrainResult(model, history, best)
-
-
-def _settings_dict(settings: TrainSettings) -> dict:
-    d = asdict(settings)
-    d["losses"] = asdict(settings.losses)
-    return d
 
 
 def train_model(config: AVGNConfig, train_batch, val_batch=None, epochs: int = TrainSettings.epochs, *,
