@@ -41,6 +41,7 @@ BATCH = 256
 THROUGHPUT = [("mobilenet_v2", 224), ("mobilenet_v2", 112), ("resnet50", 96), ("resnet50", 128), ("resnet50", 160),
               ("resnet50", 224)]
 COPY_BYTES = 1 << 30
+PROFILE_CONFIG, PROFILE_PRECISION, PROFILE_BATCH = "paper", "fp16", 64  # stage_profile: random weights
 WEIGHTS_REL_TOL = 1e-5  # fp32 without TF32: same kernels on the same weights
 
 
@@ -216,6 +217,26 @@ def weights_compat(copy_gbps: float) -> dict:
     return {"checks": checks, "rows": rows, "summary": summary}
 
 
+def stage_profile(copy_gbps: float) -> dict:
+    """``avgn-fast profile``'s measurement on the GPU: where an eager batch spends its time, stage by stage."""
+    from avgn_fast.config import AVGNConfig
+    from avgn_fast.engine.profile import STAGES, profile
+    from avgn_fast.models.avgn import AVGN
+
+    torch.manual_seed(0)
+    model = AVGN(AVGNConfig.from_name(PROFILE_CONFIG))
+    rows = profile(model, backends=("eager",), precisions=(PROFILE_PRECISION,), batch_sizes=(PROFILE_BATCH,),
+                   device=DEVICE, compare=True)
+    summary, checks = [], {}
+    for r in rows:
+        stages = ", ".join(f"{s} {getattr(r, f'{s}_ms'):.1f}" for s in STAGES if not math.isnan(getattr(r, f"{s}_ms")))
+        summary.append((f"profile {r.model} {r.backend} {r.precision} b{r.batch}",
+                        f"{r.videos_per_s:,.0f} videos/s, p50 {r.latency_p50_ms:.2f} ms; stages ms: {stages}; "
+                        f"peak {r.peak_mem_mib:.0f} MiB"))
+        checks[f"profile {r.model} {r.backend} {r.precision} measured"] = r.videos_per_s > 0
+    return {"checks": checks, "rows": [vars(r) for r in rows], "summary": summary}
+
+
 def _external(name: str):
     def run(copy_gbps: float) -> dict:
         return importlib.import_module(name).gpu_check(copy_gbps)
@@ -226,7 +247,8 @@ def _external(name: str):
 def sections() -> list[tuple[str, object]]:
     """(name, function) in the order they run: the built-in sections, then the benchmark files that exist."""
     found = [("environment", environment), ("copy_bandwidth", copy_bandwidth),
-             ("backbone_throughput", backbone_throughput), ("weights_compat", weights_compat)]
+             ("backbone_throughput", backbone_throughput), ("weights_compat", weights_compat),
+             ("stage_profile", stage_profile)]
     for name in SECTIONS:
         if (ROOT / "benchmarks" / f"{name}.py").exists():
             found.append((name, _external(name)))

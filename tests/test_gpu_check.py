@@ -44,6 +44,7 @@ gpu_check.bootstrap()
 gpu_check.DEVICE, gpu_check.do_bench = "cpu", timer
 gpu_check.COPY_BYTES, gpu_check.BATCH = 1 << 20, 2
 gpu_check.THROUGHPUT = [("mobilenet_v2", 32), ("resnet50", 32)]
+gpu_check.PROFILE_CONFIG, gpu_check.PROFILE_PRECISION, gpu_check.PROFILE_BATCH = "tiny", "fp32", 2
 triton.testing.do_bench = timer
 
 import bench_crop_patches as crop
@@ -75,7 +76,7 @@ def test_gpu_check_sections_run_on_cpu(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert list(report["sections"]) == ["environment", "copy_bandwidth", "backbone_throughput",
+    assert list(report["sections"]) == ["environment", "copy_bandwidth", "backbone_throughput", "stage_profile",
                                         "bench_crop_patches", "bench_av_attention", "bench_e2e"]
     errors = {name: s["error"] for name, s in report["sections"].items() if s["error"]}
     assert not errors, f"{errors}\n{proc.stdout[-4000:]}"
@@ -93,4 +94,8 @@ def test_gpu_check_sections_run_on_cpu(tmp_path):
         ("avgn", "eager"), ("dense", "eager"), ("avgn", "inductor"), ("avgn-g24", "inductor"), ("avgn-g24", "eager")]
     for section in ("bench_crop_patches", "bench_av_attention", "bench_e2e", "backbone_throughput"):
         assert all(r["ms"] > 0 for r in rows[section]), section
+    # the stage profile: AVGN and the dense baseline, each stage AVGN runs timed
+    profiled = {r["model"]: r for r in rows["stage_profile"]}
+    assert set(profiled) == {"avgn", "dense"}
+    assert all(profiled["avgn"][f"{s}_ms"] > 0 for s in ("glance", "avtest", "aespa", "crop", "local", "head"))
     assert "== gpu_check summary" in proc.stdout
