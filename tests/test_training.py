@@ -265,3 +265,7 @@ def test_train_and_eval_cli_end_to_end(tmp_path, capsys):
     assert "top-1" in line and "mAP" in line and f"{model.cost().per_video + model.cost().per_step:.4f}" in line
     assert cli_main(["eval", "--checkpoint", ckpt, "--data", str(data), "--set", "audio=false"]) == 2
     assert "cannot override audio=False" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # asking for a GPU that is not there fails at once, naming the device
+        for command in (["train", *common, "--epochs", "1"], ["eval", "--checkpoint", ckpt, "--data", str(data)]):
+            assert cli_main([*command, "--device", "cuda"]) == 2
+            assert "device cuda requested but CUDA is not available" in capsys.readouterr().err

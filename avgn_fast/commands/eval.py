@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from avgn_fast.checkpoint import load_checkpoint
 from avgn_fast.data.folder import FolderDataset
+from avgn_fast.engine.predictor import resolve_device
 from avgn_fast.training.trainer import FolderSource, evaluate
 
 INFERENCE_FIELDS = ("k", "exit_threshold")
@@ -27,12 +28,13 @@ def add_arguments(parser) -> None:
                         help=f"inference override, one of {', '.join(INFERENCE_FIELDS)} (e.g. --set k=4)")
     parser.add_argument("--batch-size", type=int, default=32, help="videos per batch; default: 32")
     parser.add_argument("--cache-dir", default=None, help="decoded-clip cache; default: the checkpoint's folder/cache")
-    parser.add_argument("--device", default="cpu", help="torch device; default: cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def main(checkpoint, data, split: str = "test", set: Sequence[str] = (), batch_size: int = 32, cache_dir=None,
-         device: str = "cpu", json: bool = False, progress: bool = True) -> int:
+         device: str = "auto", json: bool = False, progress: bool = True) -> int:
+    device = resolve_device(device)  # a CUDA request without CUDA fails before anything is decoded
     ckpt = load_checkpoint(checkpoint)
     config = ckpt.model.config
     changed = config.with_overrides(list(set))

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from avgn_fast.config import AVGNConfig
 from avgn_fast.data.folder import FolderDataset, read_labels
+from avgn_fast.engine.predictor import resolve_device
 from avgn_fast.models.avgn import AVGN
 from avgn_fast.models.backbones import load_pretrained
 from avgn_fast.training.trainer import FolderSource, TrainSettings, fit
@@ -50,7 +51,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val-split", default="val",
                         help="split validated after each epoch ('none' to skip); default: val")
     parser.add_argument("--cache-dir", default=None, help="decoded-clip cache; default: OUT/cache")
-    parser.add_argument("--device", default="cpu", help="torch device; default: cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
 
 
 def main(data, out, config: str = "tiny", epochs: int = TrainSettings.epochs, set: Sequence[str] = (),
@@ -58,7 +59,8 @@ def main(data, out, config: str = "tiny", epochs: int = TrainSettings.epochs, se
          look_epochs: int = TrainSettings.look_epochs, seed: int = TrainSettings.seed,
          batch_size: int = TrainSettings.batch_size, lr: float = TrainSettings.lr,
          init_visual=None, init_local=None, resume: bool = False, train_split: str = "train",
-         val_split: str | None = "val", cache_dir=None, device: str = "cpu", progress: bool = True) -> int:
+         val_split: str | None = "val", cache_dir=None, device: str = "auto", progress: bool = True) -> int:
+    device = resolve_device(device)  # a CUDA request without CUDA fails before anything is decoded
     out = Path(out)
     cache_dir = out / "cache" if cache_dir is None else Path(cache_dir)
     probe = AVGNConfig.from_name(config).with_overrides(list(set))
