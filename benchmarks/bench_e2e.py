@@ -8,8 +8,8 @@ without an exit threshold (every video takes all K steps). Prints videos/s (medi
 the dense baseline (ResNet-50 on all 16 frames at 224, eager fp16, the issue's baseline) measured
 in the same run; then AVGN at smaller glance resolutions. Targets (H100): the fastest backend
 ≥ 2× eager fp16 and ≥ 2,300 videos/s; some configuration ≥ 4× the dense baseline.
-``gpu_check(copy_gbps)`` is what ``benchmarks/gpu_check.py`` runs (≤ 90 s: later rows are skipped
-once the budget is spent).
+``gpu_check(copy_gbps)`` is what ``benchmarks/gpu_check.py`` runs (``BUDGET_S``, 120 s, compiles included:
+rows that would start after it are skipped).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ CONFIG = "paper"
 PRECISION = "fp16"
 BATCH = 64
 GLANCE_SIZES = (112, 96)
-BUDGET_S = 90.0
+BUDGET_S = 120.0  # compiles included: the later rows reuse inductor's caches for the shared stages
 TARGET_VS_EAGER = 2.0
 TARGET_VIDEOS_PER_S = 2300.0
 TARGET_VS_DENSE = 4.0
