@@ -8,6 +8,7 @@ can resume; every checkpoint loads with ``avgn_fast.load``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,59 @@ def load_checkpoint(path) -> Checkpoint:
     model.eval()
     return Checkpoint(model, list(payload["class_names"]), dict(payload.get("metrics", {})),
                       payload.get("train_state"))
+
+
+# config fields that change no weight: a model may differ from the checkpoint it starts from in these
+_WEIGHTLESS_FIELDS = ("name", "num_classes", "exit_threshold")
+
+
+@dataclass
+class Transfer:
+    """What ``init_from_checkpoint`` carried over."""
+
+    tensors: int  # weight and buffer tensors copied whole
+    shared_classes: list[str]  # classes whose rows of the class layers were copied
+    new_classes: list[str]  # classes with freshly initialised rows
+    dropped_classes: list[str]  # the checkpoint's classes not in this model
+
+
+def class_layers(model: AVGN) -> list[torch.nn.Linear]:
+    """The layers with one output row per class: the exit heads and the auxiliary heads."""
+    return [*model.classifier.heads, *model.aux_heads.values()]
+
+
+def init_from_checkpoint(model: AVGN, class_names: Sequence[str], path) -> Transfer:
+    """Start ``model`` (whose classes are ``class_names``) from the AVGN checkpoint at ``path``, to fine-tune.
+
+    Every weight and buffer is copied; in the class layers (``class_layers``) the rows of the
+    classes both share are copied by name, and new classes keep their fresh initialisation. The
+    architecture must be the checkpoint's (any config field but ``_WEIGHTLESS_FIELDS``): otherwise
+    ValueError naming the file and the fields that differ.
+    """
+    ckpt = load_checkpoint(path)
+    class_names = [str(name) for name in class_names]
+    if len(class_names) != model.config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {model.config.num_classes} classes")
+    old, new = ckpt.model.config.to_dict(), model.config.to_dict()
+    differ = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in old if k not in _WEIGHTLESS_FIELDS and old[k] != new[k]]
+    if differ:
+        raise ValueError(f"{path}: cannot start from this checkpoint, its architecture differs: {'; '.join(differ)}")
+    source = ckpt.model.state_dict()
+    names = {id(m): name for name, m in model.named_modules()}
+    per_class = {f"{names[id(layer)]}.{p}" for layer in class_layers(model) for p in ("weight", "bias")}
+    old_row = {name: i for i, name in enumerate(ckpt.class_names)}
+    rows = [(j, old_row[name]) for j, name in enumerate(class_names) if name in old_row]
+    state, copied = model.state_dict(), 0
+    with torch.no_grad():
+        for key, target in state.items():
+            if key in per_class:
+                for j, i in rows:
+                    target[j] = source[key][i]
+            else:
+                target.copy_(source[key])
+                copied += 1
+    return Transfer(copied, [class_names[j] for j, _ in rows], [n for n in class_names if n not in old_row],
+                    [n for n in ckpt.class_names if n not in set(class_names)])
 
 
 def load(path) -> AVGN:

@@ -8,6 +8,7 @@ from avgn_fast.kernels.crop_patches import crop_patches_ref
 from tolerances import tol
 
 import avgn_fast
+from avgn_fast.checkpoint import class_layers, init_from_checkpoint, save_checkpoint
 from avgn_fast.cli import main as cli_main
 from avgn_fast.config import AVGNConfig
 from avgn_fast.data.synth import generate_tensors, write_dataset
@@ -239,6 +240,33 @@ def test_training_is_deterministic_and_resumes_exactly(synth, tmp_path):
             out_dir=tmp_path, resume=True)
 
 
+def test_init_from_checkpoint_copies_weights_and_the_rows_of_shared_classes(tmp_path):
+    torch.manual_seed(0)
+    trained = AVGN(SMALL.replace(num_classes=3))
+    path = save_checkpoint(tmp_path / "a.pt", trained, class_names=["a", "b", "c"])
+    torch.manual_seed(1)
+    model = AVGN(SMALL.replace(num_classes=3, exit_threshold=0.9))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    moved = init_from_checkpoint(model, ["c", "x", "a"], path)
+    assert (moved.shared_classes, moved.new_classes, moved.dropped_classes) == (["c", "a"], ["x"], ["b"])
+
+    want, got = trained.state_dict(), model.state_dict()
+    names = {id(m): n for n, m in model.named_modules()}
+    per_class = {f"{names[id(layer)]}.{p}" for layer in class_layers(model) for p in ("weight", "bias")}
+    assert len(per_class) == 2 * (SMALL.k + 3)  # K exit heads; local, audio and global auxiliary heads
+    assert moved.tensors == len(got) - len(per_class)
+    for key in got.keys() - per_class:
+        assert torch.equal(got[key], want[key]), key
+    for key in per_class:
+        assert torch.equal(got[key][0], want[key][2]) and torch.equal(got[key][2], want[key][0]), key
+        assert torch.equal(got[key][1], fresh[key][1]) and not torch.equal(got[key][1], want[key][1]), key
+
+    with pytest.raises(ValueError, match=r"a\.pt: .*architecture differs: k=2 there, 1 here"):
+        init_from_checkpoint(AVGN(SMALL.replace(num_classes=3, k=1)), ["a", "b", "c"], path)
+    with pytest.raises(ValueError, match="2 class names"):
+        init_from_checkpoint(AVGN(SMALL.replace(num_classes=3)), ["a", "b"], path)
+
+
 def test_train_and_eval_cli_end_to_end(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", 8, seed=2, config=SMALL, splits=(0.5, 0.25, 0.25))
     run = tmp_path / "run"
@@ -269,3 +297,14 @@ def test_train_and_eval_cli_end_to_end(tmp_path, capsys):
         for command in (["train", *common, "--epochs", "1"], ["eval", "--checkpoint", ckpt, "--data", str(data)]):
             assert cli_main([*command, "--device", "cuda"]) == 2
             assert "device cuda requested but CUDA is not available" in capsys.readouterr().err
+
+    # fine-tuning from the run's checkpoint: same classes, every weight carried over
+    capsys.readouterr()
+    tuned = tmp_path / "tuned"
+    assert cli_main(["train", "--data", str(data), "--out", str(tuned), "--init", ckpt, "--epochs", "1",
+                     "--batch-size", "2", "--audio-warmup-epochs", "0", "--look-epochs", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"started from {ckpt}" in out and "new classes: -; dropped: -" in out
+    assert avgn_fast.load(tuned / "last.pt").config.num_frames == 8
+    assert cli_main(["train", "--data", str(data), "--out", str(tuned), "--init", ckpt, "--set", "k=1"]) == 2
+    assert "--init takes the architecture" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Decoded clips are cached (default RUN_DIR/cache) so only the first epoch decodes. Each epoch
 writes RUN_DIR/last.pt (resumable with --resume) and RUN_DIR/best.pt (best validation top-1),
-plus RUN_DIR/history.json.
+plus RUN_DIR/history.json. ``--init CKPT`` fine-tunes a trained AVGN on the folder: its architecture and
+weights, with the class layers' rows carried over for the classes both share (``init_from_checkpoint``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from avgn_fast.checkpoint import init_from_checkpoint, load_checkpoint
 from avgn_fast.config import AVGNConfig
 from avgn_fast.data.folder import FolderDataset, read_labels
 from avgn_fast.engine.predictor import resolve_device
@@ -26,7 +28,7 @@ def add_arguments(parser) -> None:
     defaults = TrainSettings()
     parser.add_argument("--data", required=True, help="dataset folder holding labels.csv")
     parser.add_argument("--out", required=True, help="run folder for checkpoints (last.pt, best.pt) and history")
-    parser.add_argument("--config", default="tiny", help="configuration name (paper, tiny); default: tiny")
+    parser.add_argument("--config", default=None, help="configuration name (paper, tiny); default: tiny")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"epochs; default: {defaults.epochs}")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set audio=false --set k=4 (repeatable)")
@@ -42,6 +44,9 @@ def add_arguments(parser) -> None:
                         help=f"videos per step; default: {defaults.batch_size}")
     parser.add_argument("--lr", type=float, default=defaults.lr,
                         help=f"peak AdamW learning rate; default: {defaults.lr}")
+    parser.add_argument("--init", default=None, metavar="CKPT",
+                        help="fine-tune: start from this AVGN checkpoint (its architecture; classes matched by name, "
+                        "new classes start fresh)")
     parser.add_argument("--init-visual", default=None, metavar="PATH",
                         help="torchvision-format MobileNetV2 weights for the visual glance encoder")
     parser.add_argument("--init-local", default=None, metavar="PATH",
@@ -54,16 +59,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
 
 
-def main(data, out, config: str = "tiny", epochs: int = TrainSettings.epochs, set: Sequence[str] = (),
+def main(data, out, config: str | None = None, epochs: int = TrainSettings.epochs, set: Sequence[str] = (),
          audio_warmup_epochs: int = TrainSettings.audio_warmup_epochs,
          look_epochs: int = TrainSettings.look_epochs, seed: int = TrainSettings.seed,
          batch_size: int = TrainSettings.batch_size, lr: float = TrainSettings.lr,
-         init_visual=None, init_local=None, resume: bool = False, train_split: str = "train",
+         init=None, init_visual=None, init_local=None, resume: bool = False, train_split: str = "train",
          val_split: str | None = "val", cache_dir=None, device: str = "auto", progress: bool = True) -> int:
     device = resolve_device(device)  # a CUDA request without CUDA fails before anything is decoded
     out = Path(out)
     cache_dir = out / "cache" if cache_dir is None else Path(cache_dir)
-    probe = AVGNConfig.from_name(config).with_overrides(list(set))
+    if init is not None:
+        if config is not None or set or init_visual is not None or init_local is not None:
+            raise ValueError("--init takes the architecture and weights from the checkpoint: drop --config, --set, "
+                             "--init-visual and --init-local")
+        probe = load_checkpoint(init).model.config
+    else:
+        probe = AVGNConfig.from_name(config or "tiny").with_overrides(list(set))
     train_set = FolderDataset(data, probe, split=train_split, cache_dir=cache_dir)
     cfg = probe.replace(num_classes=len(train_set.classes))
     val_set = None
@@ -92,6 +103,11 @@ def main(data, out, config: str = "tiny", epochs: int = TrainSettings.epochs, se
         load_pretrained(model.visual, init_visual)
     if init_local is not None and not resume:
         load_pretrained(model.local, init_local)
+    if init is not None and not resume:
+        moved = init_from_checkpoint(model, train_set.classes, init)
+        print(f"avgn-fast train: started from {init}: {moved.tensors} tensors, class rows of "
+              f"{len(moved.shared_classes)} shared classes copied; new classes: {', '.join(moved.new_classes) or '-'}; "
+              f"dropped: {', '.join(moved.dropped_classes) or '-'}")
     model.to(device)
     result = fit(model, FolderSource(train_set), None if val_set is None else FolderSource(val_set),
                  settings=settings, class_names=train_set.classes, out_dir=out, resume=resume, progress=progress,
