@@ -1,5 +1,6 @@
 """Backbones: torchvision-identical state_dicts, shapes, checkpoint loading, channels-last."""
 
+import hashlib
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from tolerances import tol
 from torch import nn
 
+from avgn_fast.models import backbones
 from avgn_fast.models.backbones import load_pretrained, make_divisible, mobilenet_v2, resnet18, resnet50
 
 
@@ -296,3 +298,38 @@ def test_non_strict_skips_missing_and_unexpected_keys():
     assert torch.equal(model.layer4[0].conv1.weight, before)
     with pytest.raises(ValueError, match="shape mismatches"):
         load_pretrained(resnet18(width=8), source.state_dict(), strict=False)
+
+
+def test_imagenet_weights_are_fetched_once_checked_and_loaded(tmp_path, monkeypatch):
+    """``load_pretrained(model, "imagenet")`` through torch.hub's real download path, from a file:// URL."""
+    source = _randomize(resnet18(), seed=3)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    raw = remote / "weights.pth"
+    torch.save(source.state_dict(), raw)
+    served = raw.rename(remote / f"resnet18-{hashlib.sha256(raw.read_bytes()).hexdigest()[:8]}.pth")
+    monkeypatch.setitem(backbones.IMAGENET_URLS, "resnet18", served.as_uri())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    model = load_pretrained(resnet18(num_classes=0), "imagenet")
+    want = source.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / served.name
+    assert cached.is_file()
+    served.unlink()  # the second load reads the cache
+    assert torch.equal(load_pretrained(resnet18(num_classes=0), "imagenet").conv1.weight, source.conv1.weight)
+
+    with pytest.raises(ValueError, match=rf"{served.name}: cannot load into ResNet: .*shape mismatches"):
+        load_pretrained(resnet18(width=16), "imagenet")  # ImageNet weights fit full-width models only
+    wrong = remote / "resnet18-00000000.pth"  # a download whose hash does not match its name
+    torch.save(source.state_dict(), wrong)
+    monkeypatch.setitem(backbones.IMAGENET_URLS, "resnet18", wrong.as_uri())
+    with pytest.raises(ValueError, match=rf"{wrong.name}: could not fetch the ImageNet weights"):
+        load_pretrained(resnet18(), "imagenet")
+
+
+def test_arch_names_are_torchvision_names():
+    assert [backbones.arch_name(m) for m in (mobilenet_v2(width_mult=0.5), resnet18(width=8), resnet50(width=8))] == [
+        "mobilenet_v2", "resnet18", "resnet50"]
+    with pytest.raises(ValueError, match="no torchvision name"):
+        backbones.arch_name(backbones.ResNet(backbones.BasicBlock, [1, 1, 1, 1], width=8))

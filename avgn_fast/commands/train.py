@@ -47,10 +47,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--init", default=None, metavar="CKPT",
                         help="fine-tune: start from this AVGN checkpoint (its architecture; classes matched by name, "
                         "new classes start fresh)")
-    parser.add_argument("--init-visual", default=None, metavar="PATH",
-                        help="torchvision-format MobileNetV2 weights for the visual glance encoder")
-    parser.add_argument("--init-local", default=None, metavar="PATH",
-                        help="torchvision-format ResNet weights for the local encoder")
+    parser.add_argument("--init-visual", default=None, metavar="PATH|imagenet",
+                        help="torchvision-format MobileNetV2 weights for the visual glance encoder, or 'imagenet' "
+                        "for torchvision's (downloaded once; full-width models only)")
+    parser.add_argument("--init-local", default=None, metavar="PATH|imagenet",
+                        help="torchvision-format ResNet weights for the local encoder, or 'imagenet'")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     parser.add_argument("--train-split", default="train", help="split used for training; default: train")
     parser.add_argument("--val-split", default="val",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "IMAGENET_URLS",
     "BasicBlock",
     "Bottleneck",
     "MobileNetV2",
@@ -210,6 +211,26 @@ def resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
 
 
+# torchvision's ImageNet-1k weights (IMAGENET1K_V1), for ``load_pretrained(model, "imagenet")``
+IMAGENET_URLS = {
+    "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+}
+
+
+def arch_name(model: MobileNetV2 | ResNet) -> str:
+    """torchvision's name of the architecture: mobilenet_v2, resnet18 or resnet50."""
+    if isinstance(model, MobileNetV2):
+        return "mobilenet_v2"
+    blocks = [len(layer) for layer in (model.layer1, model.layer2, model.layer3, model.layer4)]
+    if isinstance(model.layer1[0], BasicBlock) and blocks == [2, 2, 2, 2]:
+        return "resnet18"
+    if isinstance(model.layer1[0], Bottleneck) and blocks == [3, 4, 6, 3]:
+        return "resnet50"
+    raise ValueError(f"no torchvision name for a ResNet of {type(model.layer1[0]).__name__} blocks {blocks}")
+
+
 def _listing(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
@@ -220,14 +241,23 @@ def load_pretrained(model: MobileNetV2 | ResNet, path_or_state_dict: str | os.Pa
                     strict: bool = True) -> MobileNetV2 | ResNet:
     """Load a torchvision-format checkpoint into ``model`` in place and return it.
 
-    Accepts a file path or a state_dict; a dict holding the state_dict under ``state_dict`` or
-    ``model`` is unwrapped. Head keys are dropped when the model has no head; BN
-    ``num_batches_tracked`` counters absent from old checkpoints keep the model's value. Any other
-    missing or unexpected key (only when ``strict``) or any shape mismatch raises ``ValueError``
-    naming the source and the keys.
+    Accepts a file path, a state_dict, or ``"imagenet"``: torchvision's ImageNet weights for the
+    model's architecture (``IMAGENET_URLS``), downloaded once into torch.hub's cache
+    (``$TORCH_HOME/hub/checkpoints``) and checked against the hash in their file name; they fit
+    only the full-width models (``glance_width=1``, ``local_width=64``, as in the paper config).
+    A dict holding the state_dict under ``state_dict`` or ``model`` is unwrapped. Head keys are
+    dropped when the model has no head; BN ``num_batches_tracked`` counters absent from old
+    checkpoints keep the model's value. Any other missing or unexpected key (only when ``strict``)
+    or any shape mismatch raises ``ValueError`` naming the source and the keys.
     """
     if isinstance(path_or_state_dict, Mapping):
         source, state = "<state_dict>", path_or_state_dict
+    elif path_or_state_dict == "imagenet":
+        source = IMAGENET_URLS[arch_name(model)]
+        try:
+            state = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True, weights_only=True)
+        except (OSError, RuntimeError) as e:  # no network, a partial download, a hash mismatch
+            raise ValueError(f"{source}: could not fetch the ImageNet weights ({type(e).__name__}: {e})") from e
     else:
         source = os.fspath(path_or_state_dict)
         state = torch.load(source, map_location="cpu", weights_only=True)
