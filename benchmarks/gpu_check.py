@@ -65,6 +65,11 @@ def bootstrap() -> None:
         avgn_fast.kernels = module
 
 
+def out_dir() -> Path:
+    """Where results go: ``$OUT`` (the GPU machine hands that folder back), else ``./gpu_check_out``."""
+    return Path(os.environ.get("OUT", "gpu_check_out"))
+
+
 def _bench_ms(fn) -> float:
     return do_bench(fn, return_mode="median")
 
@@ -220,7 +225,7 @@ def weights_compat(copy_gbps: float) -> dict:
 def stage_profile(copy_gbps: float) -> dict:
     """``avgn-fast profile``'s measurement on the GPU: where an eager batch spends its time, stage by stage."""
     from avgn_fast.config import AVGNConfig
-    from avgn_fast.engine.profile import STAGES, profile
+    from avgn_fast.engine.profile import STAGES, profile, write_plot
     from avgn_fast.models.avgn import AVGN
 
     torch.manual_seed(0)
@@ -234,6 +239,9 @@ def stage_profile(copy_gbps: float) -> dict:
                         f"{r.videos_per_s:,.0f} videos/s, p50 {r.latency_p50_ms:.2f} ms; stages ms: {stages}; "
                         f"peak {r.peak_mem_mib:.0f} MiB"))
         checks[f"profile {r.model} {r.backend} {r.precision} measured"] = r.videos_per_s > 0
+    chart = out_dir() / "stage_profile.png"
+    write_plot(rows, chart)
+    summary.append(("profile chart", str(chart)))
     return {"checks": checks, "rows": [vars(r) for r in rows], "summary": summary}
 
 
@@ -302,7 +310,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible; nothing to check", file=sys.stderr)
         return 1
-    report = run_sections(sections(), Path(os.environ.get("OUT", "gpu_check_out")))
+    report = run_sections(sections(), out_dir())
     return 1 if any(not ok for ok in report["checks"].values()) else 0
 
 

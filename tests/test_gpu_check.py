@@ -71,7 +71,8 @@ gpu_check.run_sections(sections, Path(sys.argv[1]))
 
 @pytest.mark.slow
 def test_gpu_check_sections_run_on_cpu(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "benchmarks"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "benchmarks"), "OMP_NUM_THREADS": "1",
+           "OUT": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", DRY_RUN, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -96,6 +97,6 @@ def test_gpu_check_sections_run_on_cpu(tmp_path):
         assert all(r["ms"] > 0 for r in rows[section]), section
     # the stage profile: AVGN and the dense baseline, each stage AVGN runs timed
     profiled = {r["model"]: r for r in rows["stage_profile"]}
-    assert set(profiled) == {"avgn", "dense"}
+    assert set(profiled) == {"avgn", "dense"} and (tmp_path / "stage_profile.png").stat().st_size > 0
     assert all(profiled["avgn"][f"{s}_ms"] > 0 for s in ("glance", "avtest", "aespa", "crop", "local", "head"))
     assert "== gpu_check summary" in proc.stdout

@@ -9,7 +9,7 @@ from media import write_video
 
 from avgn_fast.cli import main as cli_main
 from avgn_fast.config import AVGNConfig
-from avgn_fast.engine.profile import STAGES, ProfileRow, append_csv, format_table, profile
+from avgn_fast.engine.profile import STAGES, ProfileRow, append_csv, format_table, profile, write_plot
 from avgn_fast.models.avgn import AVGN
 
 TINY = AVGNConfig.from_name("tiny")
@@ -67,6 +67,29 @@ def test_csv_is_appended_with_one_header_and_refuses_a_foreign_file(rows, tmp_pa
         append_csv(foreign, rows)
 
 
+def test_stage_chart_stacks_the_measured_stages_of_every_row(rows, tmp_path):
+    fig = write_plot(rows, tmp_path / "stages.png")
+    assert (tmp_path / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = fig.axes
+    measured = [s for s in STAGES if not all(math.isnan(getattr(r, f"{s}_ms")) for r in rows)]
+    assert "decode" not in measured and ax.get_legend_handles_labels()[1] == measured
+    bars = [patch for patch in ax.patches]
+    assert len(bars) == len(measured) * len(rows)
+    for j, stage in enumerate(measured):  # bar i of stage j: row i's stage time, starting where row i's last ended
+        for i, r in enumerate(rows):
+            bar = bars[j * len(rows) + i]
+            want = getattr(r, f"{stage}_ms")
+            assert bar.get_width() == pytest.approx(0.0 if math.isnan(want) else want)
+            done = sum(0.0 if math.isnan(getattr(r, f"{s}_ms")) else getattr(r, f"{s}_ms") for s in measured[:j])
+            assert bar.get_x() == pytest.approx(done)
+    at = {round(t.get_position()[1]): t.get_text() for t in ax.get_yticklabels()}  # first row on top
+    assert [at[len(rows) - 1 - i] for i in range(len(rows))] == [
+        f"{r.model} {r.backend} {r.precision} b{r.batch}" for r in rows]
+    assert all(bars[i].get_y() + bars[i].get_height() / 2 == pytest.approx(len(rows) - 1 - i) for i in range(len(rows)))
+    with pytest.raises(ValueError, match="no profile rows"):
+        write_plot([], tmp_path / "empty.png")
+
+
 def test_profile_row_validates(rows):
     fields = {**rows[0].__dict__, "latency_p50_ms": 5.0, "latency_p90_ms": 1.0}
     with pytest.raises(ValueError, match="implausible"):
@@ -80,8 +103,9 @@ def test_cli_profile_on_decoded_videos(tmp_path, capsys):
         write_video(data / f"v{i}.mp4", size=(96, 128), fps=8, seconds=1.0, seed=i)
     out = tmp_path / "p.csv"
     code = cli_main(["profile", "--config", "tiny", "--set", "k=2", "--batch-sizes", "3", "--data", str(data),
-                     "--csv", str(out), "--iters", "1", "--warmup", "1", "--device", "cpu", "--precisions", "fp32"])
-    assert code == 0
+                     "--csv", str(out), "--iters", "1", "--warmup", "1", "--device", "cpu", "--precisions", "fp32",
+                     "--plot", str(tmp_path / "stages.png")])
+    assert code == 0 and (tmp_path / "stages.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "videos/s" in printed and "config tiny" in printed
     with out.open(newline="") as f:

@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="also measure eager fp32 and the dense baseline, and print ratios against them")
     parser.add_argument("--csv", default=None, metavar="PATH", help="append the rows to this CSV")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="write a per-stage bar chart of the rows here")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--iters", type=int, default=10, help="timed batches per configuration (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up batches, compile included (default 2)")
@@ -44,12 +45,12 @@ def _split(text: str, cast=str) -> list:
 
 
 def main(checkpoint=None, config: str = "paper", set: Sequence[str] = (), backends: str = "eager",
-         precisions: str = "auto", batch_sizes: str = "1,8", data=None, compare: bool = False, csv=None,
+         precisions: str = "auto", batch_sizes: str = "1,8", data=None, compare: bool = False, csv=None, plot=None,
          device: str = "auto", iters: int = 10, warmup: int = 2, exit_threshold: float | None = None,
          progress: bool = True) -> int:
     from avgn_fast.config import AVGNConfig
     from avgn_fast.engine.predictor import resolve_device
-    from avgn_fast.engine.profile import format_table, profile
+    from avgn_fast.engine.profile import format_table, profile, write_plot
 
     if checkpoint is not None:
         if set:
@@ -73,4 +74,7 @@ def main(checkpoint=None, config: str = "paper", set: Sequence[str] = (), backen
     print(format_table(rows, compare=compare))
     if csv:
         print(f"{len(rows)} rows appended to {csv}", file=sys.stderr)
+    if plot:
+        write_plot(rows, plot)
+        print(f"per-stage chart written to {plot}", file=sys.stderr)
     return 0

@@ -273,6 +273,42 @@ def format_table(rows: list[ProfileRow], *, compare: bool = False) -> str:
     return "\n".join(out)
 
 
+def write_plot(rows: list[ProfileRow], path):
+    """Where each configuration's batch time goes: one horizontal bar per row, stacked by stage (ms per batch;
+    stages not measured, NaN, are left out), labelled with its videos/s. Returns the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("no profile rows to plot")
+    fig = Figure(figsize=(10, 1.2 + 0.45 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    labels = [f"{r.model} {r.backend} {r.precision} b{r.batch}" for r in rows]
+    y = list(range(len(rows)))[::-1]  # first row on top
+    left = [0.0] * len(rows)
+    for i, stage in enumerate(STAGES):
+        widths = [getattr(r, f"{stage}_ms") for r in rows]
+        if all(math.isnan(w) for w in widths):
+            continue
+        widths = [0.0 if math.isnan(w) else w for w in widths]
+        ax.barh(y, widths, left=left, color=f"C{i}", label=stage, height=0.6)
+        left = [a + w for a, w in zip(left, widths)]
+    for yi, total, r in zip(y, left, rows):
+        ax.annotate(f"{r.videos_per_s:,.0f} videos/s", (total, yi), textcoords="offset points", xytext=(4, -3),
+                    fontsize=8)
+    ax.set_yticks(y, labels)
+    ax.set_xlabel("ms per batch, by stage (each stage timed alone, synchronized)")
+    ax.set_xlim(right=max(left) * 1.25)
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+    r = rows[0]
+    ax.set_title(f"{r.device} · torch {r.torch} · config {r.config} · {r.date[:10]}", fontsize=10)
+    fig.savefig(path, dpi=120)
+    return fig
+
+
 def _num(x: float, spec: str) -> str:
     return "-" if math.isnan(x) else format(x, spec)
 
