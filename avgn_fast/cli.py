@@ -16,6 +16,7 @@ COMMANDS = {
     "predict": "classify video files with a trained checkpoint",
     "train": "train an AVGN (or a baseline) on a folder dataset",
     "eval": "top-1, mAP and GFLOPs per video of a checkpoint on a folder dataset",
+    "calibrate": "choose a checkpoint's early-exit threshold on a labelled split and save it with the model",
     "pareto": "accuracy-vs-GFLOPs sweep of a checkpoint and its baselines: csv, json, md table and plot",
     "demo": "synthesize AVSynth, train AVGN and its baselines, and plot their accuracy-vs-GFLOPs curve",
     "profile": "throughput per backend, precision and batch size: videos/s, latency, ms per stage, TFLOP/s",

@@ -173,6 +173,51 @@ def calibrate_thresholds(probs: torch.Tensor, count: int) -> list[float]:
     return sorted(chosen)
 
 
+@dataclass(frozen=True)
+class ExitChoice:
+    """An early-exit threshold and what it gives on the videos it was chosen on (top-1 in [0, 1], mean steps and
+    GMACs per video), beside taking every step (``full_*``)."""
+
+    threshold: float | None
+    top1: float
+    steps: float
+    gflops: float
+    full_top1: float
+    full_gflops: float
+
+
+def exit_outcome(probs: torch.Tensor, labels: torch.Tensor, threshold: float | None) -> tuple[float, float]:
+    """(top-1, mean steps) of ``model.glance``'s exit rule at ``threshold`` on probabilities (N, K, C)."""
+    steps = exit_steps_taken(probs, threshold)
+    final = probs[torch.arange(len(probs)), steps - 1]
+    n = max(len(probs), 1)  # exact fractions: a tolerance compares them
+    return int((final.argmax(-1) == labels).sum()) / n, int(steps.sum()) / n
+
+
+def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, *, per_video: float, per_step: float,
+                     max_drop: float = 0.005, candidates: int = 2000) -> ExitChoice:
+    """The early-exit threshold with the fewest mean steps on (``probs`` (N, K, C), ``labels``) whose top-1 is at
+    most ``max_drop`` below taking every step; ties go to the higher top-1, then the higher threshold. Candidates
+    are the distinct top probabilities of the steps that can exit (quantiles of them beyond ``candidates``);
+    ``threshold`` is None when none saves a step. GMACs per video = ``per_video + steps · per_step``."""
+    n, k, _ = probs.shape
+    full_top1, _ = exit_outcome(probs, labels, None)
+    full_gflops = per_video + k * per_step
+    best = ExitChoice(None, full_top1, float(k), full_gflops, full_top1, full_gflops)
+    if n == 0 or k == 1:
+        return best
+    confidence = probs[:, :-1].float().amax(-1).flatten().unique()
+    if len(confidence) > candidates:
+        confidence = torch.quantile(confidence, torch.linspace(0, 1, candidates)).unique()
+    for tau in confidence.tolist():
+        top1, steps = exit_outcome(probs, labels, tau)
+        if top1 < full_top1 - max_drop - 1e-12:
+            continue
+        if (steps, -top1, -tau) < (best.steps, -best.top1, -(best.threshold or 1.0)):
+            best = ExitChoice(tau, top1, steps, per_video + steps * per_step, full_top1, full_gflops)
+    return best
+
+
 def default_patch_sizes(config: AVGNConfig) -> list[int]:
     """P·3/4 and P·5/4 (96 and 160 for the paper's 128), those that fit in the frame."""
     return [p for p in (round(config.patch_size * 3 / 4), round(config.patch_size * 5 / 4))
@@ -200,7 +245,7 @@ def plan(config: AVGNConfig, *, ks: Iterable[int] = KS, thresholds: Iterable[flo
 # --- running the models ---------------------------------------------------------------------------------------
 
 
-def _variant(model, patch_size: int, glance_size: int):
+def model_variant(model, patch_size: int, glance_size: int):
     """The checkpoint's weights in a model with patch size P and glance size G that never exits on its own.
 
     Raises ValueError when that model cannot exist (P > S) or the weights do not fit it (e.g. AESPA's
@@ -220,7 +265,7 @@ def _variant(model, patch_size: int, glance_size: int):
     return variant.to(next(model.parameters()).device).eval()
 
 
-def _engine(model, k: int, *, backend: str, precision: str, batch_size: int):
+def exit_engine(model, k: int, *, backend: str, precision: str, batch_size: int):
     """The batched early-exit engine for ``model`` at ``k`` steps: exited videos leave the batch."""
     from avgn_fast.engine.early_exit import GlanceEngine
 
@@ -260,7 +305,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _batches(source, batch_size: int, device: torch.device):
+def source_batches(source, batch_size: int, device: torch.device):
     for start in range(0, len(source), batch_size):
         frames, mel, labels, present = source.batch(torch.arange(start, min(start + batch_size, len(source))))
         yield frames.to(device), mel.to(device, torch.float32), labels, present.to(device)
@@ -273,7 +318,7 @@ def _run_split(jobs: list[_Job], source, *, batch_size: int, device: torch.devic
     bar = tqdm(total=len(jobs) * math.ceil(len(source) / batch_size), desc=f"sweep {len(jobs)} settings",
                unit="run", disable=not progress)
     with bar:
-        for frames, mel, labels, present in _batches(source, batch_size, device):
+        for frames, mel, labels, present in source_batches(source, batch_size, device):
             for job in jobs:
                 _sync(device)
                 begin = time.perf_counter()
@@ -287,10 +332,18 @@ def _run_split(jobs: list[_Job], source, *, batch_size: int, device: torch.devic
                 bar.update()
 
 
-def _full_probs(engine, source, *, batch_size: int, device: torch.device) -> torch.Tensor:
-    """(N, K, C) probabilities after every step at the engine's K, no early exit."""
-    return torch.cat([engine(frames, mel, present).probs.float().cpu()
-                      for frames, mel, _, present in _batches(source, batch_size, device)])
+def step_probs(engine, source, *, batch_size: int, device: torch.device,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K, C) probabilities after every step at the engine's K, no early exit, and the (N,) labels."""
+    from tqdm import tqdm
+
+    probs, labels = [], []
+    batches = tqdm(source_batches(source, batch_size, device), desc="all steps", unit="batch",
+                   total=math.ceil(len(source) / batch_size), disable=not progress)
+    for frames, mel, batch_labels, present in batches:
+        probs.append(engine(frames, mel, present).probs.float().cpu())
+        labels.append(batch_labels)
+    return torch.cat(probs), torch.cat(labels)
 
 
 def device_description(device: torch.device) -> str:
@@ -337,7 +390,7 @@ def _checkpoint_jobs(model, name: str, path: str, *, ks, thresholds: list[float]
         key = (knobs.patch_size, knobs.glance_size)
         if key not in variants:
             try:
-                variants[key] = _variant(model, *key)
+                variants[key] = model_variant(model, *key)
             except ValueError as e:
                 notes.append(f"{name}: {knobs.label(cfg)} not run: {e}")
                 continue
@@ -376,7 +429,7 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     backend = resolve_backend(backend, dev)[0]
-    engine = functools.partial(_engine, backend=backend, precision=precision, batch_size=batch_size)
+    engine = functools.partial(exit_engine, backend=backend, precision=precision, batch_size=batch_size)
     ks = tuple(ks)
     patch_sizes = patch_sizes if patch_sizes == "auto" else tuple(patch_sizes)
     glance_sizes = glance_sizes if glance_sizes == "auto" else tuple(glance_sizes)
@@ -411,14 +464,14 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
             if ckpts[i].class_names != test.dataset.classes:
                 raise ValueError(f"{paths[i]}: classes {ckpts[i].class_names} differ from {data}'s "
                                  f"{test.dataset.classes}")
-            model = _variant(ckpts[i].model.to(dev).eval(), ckpts[i].model.config.patch_size,
+            model = model_variant(ckpts[i].model.to(dev).eval(), ckpts[i].model.config.patch_size,
                              ckpts[i].model.config.glance_size)
             taus = [] if val is None else calibrate_thresholds(
-                _full_probs(engine(model, model.steps), val, batch_size=batch_size, device=dev), thresholds)
+                step_probs(engine(model, model.steps), val, batch_size=batch_size, device=dev)[0], thresholds)
             jobs += _checkpoint_jobs(model, names[i], paths[i], ks=ks, thresholds=taus, patch_sizes=patch_sizes,
                                      glance_sizes=glance_sizes, notes=notes, engine=engine)
         begin = time.perf_counter()
-        frames, mel, _, present = next(_batches(test, min(batch_size, len(test)), dev))
+        frames, mel, _, present = next(source_batches(test, min(batch_size, len(test)), dev))
         for job in jobs:  # compiles (other backends) and first-call costs, kept out of videos/s
             job.engine(frames, mel, present, exit_threshold=job.knobs.exit_threshold)
         _sync(dev)
