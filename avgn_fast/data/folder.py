@@ -24,7 +24,7 @@ from avgn_fast.data.decode import DecodeError, DecodeParams, decode_many
 
 LABELS_FILE = "labels.csv"
 _COLUMNS = ("path", "label", "split")
-_CACHE_VERSION = 1  # bump when the decoded form changes, so stale cache entries are never read
+_CACHE_VERSION = 2  # bump when the decoded form changes, so stale cache entries are never read (2: AAC start)
 
 
 @dataclass(frozen=True)
