@@ -14,8 +14,8 @@ from avgn_fast import demo
 def add_arguments(parser) -> None:
     full, quick = demo.SIZES["full"], demo.SIZES["quick"]
     parser.add_argument("--quick", action="store_true",
-                        help=f"{quick.videos} videos and {quick.epochs} epochs (about 3 minutes on 2 CPU cores) "
-                        f"instead of {full.videos} videos and {full.epochs} epochs (about 20 minutes)")
+                        help=f"{quick.videos} videos and {quick.epochs} joint epochs (2 minutes on 2 CPU cores) "
+                        f"instead of {full.videos} videos and {full.epochs} joint epochs (28 minutes from scratch)")
     parser.add_argument("--out", type=Path, default=Path("avgn_runs"), help="working folder; default: ./avgn_runs")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=1,
