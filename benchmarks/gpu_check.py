@@ -65,7 +65,7 @@ def bootstrap() -> None:
         avgn_fast.kernels = module
 
 
-def out_dir() -> Path:
+def results_dir() -> Path:
     """Where results go: ``$OUT`` (the GPU machine hands that folder back), else ``./gpu_check_out``."""
     return Path(os.environ.get("OUT", "gpu_check_out"))
 
@@ -239,7 +239,7 @@ def stage_profile(copy_gbps: float) -> dict:
                         f"{r.videos_per_s:,.0f} videos/s, p50 {r.latency_p50_ms:.2f} ms; stages ms: {stages}; "
                         f"peak {r.peak_mem_mib:.0f} MiB"))
         checks[f"profile {r.model} {r.backend} {r.precision} measured"] = r.videos_per_s > 0
-    chart = out_dir() / "stage_profile.png"
+    chart = results_dir() / "stage_profile.png"
     write_plot(rows, chart)
     summary.append(("profile chart", str(chart)))
     return {"checks": checks, "rows": [vars(r) for r in rows], "summary": summary}
@@ -310,7 +310,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible; nothing to check", file=sys.stderr)
         return 1
-    report = run_sections(sections(), out_dir())
+    report = run_sections(sections(), results_dir())
     return 1 if any(not ok for ok in report["checks"].values()) else 0
 
 
