@@ -105,15 +105,17 @@ def class_layers(model: AVGN) -> list[torch.nn.Linear]:
     return [*model.classifier.heads, *model.aux_heads.values()]
 
 
-def init_from_checkpoint(model: AVGN, class_names: Sequence[str], path) -> Transfer:
-    """Start ``model`` (whose classes are ``class_names``) from the AVGN checkpoint at ``path``, to fine-tune.
+def init_from_checkpoint(model: AVGN, class_names: Sequence[str], path, *, loaded: Checkpoint | None = None
+                         ) -> Transfer:
+    """Start ``model`` (whose classes are ``class_names``) from the AVGN checkpoint at ``path``, to fine-tune
+    (``loaded``: that checkpoint already read, so the file is not read twice).
 
     Every weight and buffer is copied; in the class layers (``class_layers``) the rows of the
     classes both share are copied by name, and new classes keep their fresh initialisation. The
     architecture must be the checkpoint's (any config field but ``_WEIGHTLESS_FIELDS``): otherwise
     ValueError naming the file and the fields that differ.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if loaded is None else loaded
     class_names = [str(name) for name in class_names]
     if len(class_names) != model.config.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {model.config.num_classes} classes")

@@ -195,7 +195,7 @@ def exit_outcome(probs: torch.Tensor, labels: torch.Tensor, threshold: float | N
 
 
 def choose_threshold(probs: torch.Tensor, labels: torch.Tensor, *, per_video: float, per_step: float,
-                     max_drop: float = 0.005, candidates: int = 2000) -> ExitChoice:
+                     max_drop: float = 0.0, candidates: int = 2000) -> ExitChoice:
     """The early-exit threshold with the fewest mean steps on (``probs`` (N, K, C), ``labels``) whose top-1 is at
     most ``max_drop`` below taking every step; ties go to the higher top-1, then the higher threshold. Candidates
     are the distinct top probabilities of the steps that can exit (quantiles of them beyond ``candidates``);
@@ -415,11 +415,10 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
     warm-up time is kept out of videos/s. Decoded clips are cached in ``cache_dir`` so each video is
     decoded once.
     """
-    from tqdm import tqdm
 
     from avgn_fast.checkpoint import load_checkpoint
     from avgn_fast.data.decode import DecodeParams
-    from avgn_fast.data.folder import FolderDataset, read_labels
+    from avgn_fast.data.folder import decoded_split, read_labels
     from avgn_fast.engine.backends import precision_name, resolve_backend, resolve_precision
     from avgn_fast.engine.predictor import resolve_device
     from avgn_fast.training.trainer import FolderSource
@@ -438,17 +437,13 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
     names = _unique_names([c.model.config for c in ckpts], paths)
     calibrate = thresholds > 0 and val_split is not None and any(e.split == val_split for e in read_labels(data))
     notes = [] if calibrate or thresholds < 1 else [f"no {val_split!r} split in {data}: no early-exit thresholds"]
-    bar = (lambda desc: lambda it: tqdm(it, desc=desc, unit="batch")) if progress else (lambda desc: None)
     decoded = 0
 
     def dataset(config, which):
         nonlocal decoded
-        ds = FolderDataset(data, config, split=which, cache_dir=cache_dir)
-        for error in ds.decode_all(progress=bar(f"decode {which}")):
-            log(f"pareto: skipping {error}")
+        ds = decoded_split(data, config, which, cache_dir=cache_dir, progress=progress,
+                           log=lambda line: log(f"pareto: {line}"))
         decoded += ds.decodes
-        if not len(ds):
-            raise ValueError(f"{data}: no decodable videos in split {which!r}")
         return FolderSource(ds)
 
     # checkpoints whose decode parameters agree share one decoded dataset

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm import tqdm
-
 from avgn_fast.checkpoint import load_checkpoint, save_checkpoint
-from avgn_fast.data.folder import FolderDataset
+from avgn_fast.data.folder import decoded_split
 from avgn_fast.engine.predictor import resolve_device
 from avgn_fast.pareto import choose_threshold, exit_engine, exit_outcome, model_variant, step_probs
 from avgn_fast.training.trainer import FolderSource
@@ -41,14 +39,8 @@ def main(checkpoint, data, split: str = "val", max_drop: float = 0.0, out=None, 
     config = ckpt.model.config
     out = Path(checkpoint).with_name(Path(checkpoint).stem + "_tau.pt") if out is None else Path(out)
     cache_dir = Path(checkpoint).parent / "cache" if cache_dir is None else Path(cache_dir)
-    dataset = FolderDataset(data, config, split=split, cache_dir=cache_dir)
-    if dataset.classes != ckpt.class_names:
-        raise ValueError(f"{data}: classes {dataset.classes} differ from the checkpoint's {ckpt.class_names}")
-    for error in dataset.decode_all(progress=lambda batches: tqdm(batches, desc="decode", unit="batch",
-                                                                  disable=not progress)):
-        print(f"avgn-fast calibrate: skipping {error}")
-    if not len(dataset):
-        raise ValueError(f"{data}: no decodable videos in split {split!r}")
+    dataset = decoded_split(data, config, split, cache_dir=cache_dir, class_names=ckpt.class_names,
+                            progress=progress, log=lambda line: print(f"avgn-fast calibrate: {line}"))
     source = FolderSource(dataset)
     model = model_variant(ckpt.model.to(dev).eval(), config.patch_size, config.glance_size)  # never exits on its own
     engine = exit_engine(model, model.steps, backend="eager", precision="auto", batch_size=batch_size)

@@ -10,10 +10,8 @@ import json as jsonlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from avgn_fast.checkpoint import load_checkpoint
-from avgn_fast.data.folder import FolderDataset
+from avgn_fast.data.folder import decoded_split
 from avgn_fast.engine.predictor import resolve_device
 from avgn_fast.training.trainer import FolderSource, evaluate
 
@@ -44,15 +42,9 @@ def main(checkpoint, data, split: str = "test", set: Sequence[str] = (), batch_s
         raise ValueError(f"cannot override {', '.join(fixed)} at evaluation: only {', '.join(INFERENCE_FIELDS)} "
                          "can change; the rest is fixed by the checkpoint")
     cache_dir = Path(checkpoint).parent / "cache" if cache_dir is None else Path(cache_dir)
-    dataset = FolderDataset(data, config, split=None if split == "all" else split, cache_dir=cache_dir)
-    if dataset.classes != ckpt.class_names:
-        raise ValueError(f"{data}: classes {dataset.classes} differ from the checkpoint's {ckpt.class_names}")
-    failed = dataset.decode_all(progress=lambda batches: tqdm(batches, desc="decode", unit="batch",
-                                                              disable=not progress))
-    for error in failed:
-        print(f"avgn-fast eval: skipping {error}")
-    if not len(dataset):
-        raise ValueError(f"{data}: no decodable videos in split {split!r}")
+    dataset = decoded_split(data, config, None if split == "all" else split, cache_dir=cache_dir,
+                            class_names=ckpt.class_names, progress=progress,
+                            log=lambda line: print(f"avgn-fast eval: {line}"))
     model = ckpt.model.to(device)
     requested = {item.partition("=")[0].strip().replace("-", "_") for item in set}
     result = evaluate(model, FolderSource(dataset), batch_size=batch_size, k=changed.k if "k" in requested else None,

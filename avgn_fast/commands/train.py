@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from avgn_fast.checkpoint import init_from_checkpoint, load_checkpoint
 from avgn_fast.config import AVGNConfig
-from avgn_fast.data.folder import FolderDataset, read_labels
+from avgn_fast.data.folder import decoded_split, read_labels
 from avgn_fast.engine.predictor import resolve_device
 from avgn_fast.models.avgn import AVGN
 from avgn_fast.models.backbones import load_pretrained
@@ -73,26 +73,19 @@ def main(data, out, config: str | None = None, epochs: int = TrainSettings.epoch
         if config is not None or set or init_visual is not None or init_local is not None:
             raise ValueError("--init takes the architecture and weights from the checkpoint: drop --config, --set, "
                              "--init-visual and --init-local")
-        probe = load_checkpoint(init).model.config
+        start = load_checkpoint(init)
+        probe = start.model.config
     else:
         probe = AVGNConfig.from_name(config or "tiny").with_overrides(list(set))
-    train_set = FolderDataset(data, probe, split=train_split, cache_dir=cache_dir)
+    log = lambda line: print(f"avgn-fast train: {line}")
+    train_set = decoded_split(data, probe, train_split, cache_dir=cache_dir, progress=progress, log=log)
     cfg = probe.replace(num_classes=len(train_set.classes))
     val_set = None
     if val_split not in (None, "none"):
         if any(entry.split == val_split for entry in read_labels(data)):
-            val_set = FolderDataset(data, cfg, split=val_split, cache_dir=cache_dir)
+            val_set = decoded_split(data, cfg, val_split, cache_dir=cache_dir, progress=progress, log=log)
         else:
-            print(f"avgn-fast train: no {val_split!r} split in {data}; training without validation")
-    for name, dataset in (("train", train_set), ("val", val_set)):
-        if dataset is None:
-            continue
-        failed = dataset.decode_all(progress=lambda batches, n=name: tqdm(batches, desc=f"decode {n}", unit="batch",
-                                                                          disable=not progress))
-        for error in failed:
-            print(f"avgn-fast train: skipping {error}")
-        if not len(dataset):
-            raise ValueError(f"{data}: no decodable videos in the {name} split")
+            log(f"no {val_split!r} split in {data}; training without validation")
 
     settings = TrainSettings(epochs=epochs, audio_warmup_epochs=audio_warmup_epochs, look_epochs=look_epochs,
                              batch_size=batch_size, lr=lr, seed=seed)
@@ -105,8 +98,9 @@ def main(data, out, config: str | None = None, epochs: int = TrainSettings.epoch
     if init_local is not None and not resume:
         load_pretrained(model.local, init_local)
     if init is not None and not resume:
-        moved = init_from_checkpoint(model, train_set.classes, init)
-        print(f"avgn-fast train: started from {init}: {moved.tensors} tensors, class rows of "
+        moved = init_from_checkpoint(model, train_set.classes, init, loaded=start)
+        del start  # its weights are in the model now
+        log(f"started from {init}: {moved.tensors} tensors, class rows of "
               f"{len(moved.shared_classes)} shared classes copied; new classes: {', '.join(moved.new_classes) or '-'}; "
               f"dropped: {', '.join(moved.dropped_classes) or '-'}")
     model.to(device)

@@ -193,3 +193,22 @@ class FolderDataset(torch.utils.data.Dataset):
         tmp = file.with_suffix(f".{os.getpid()}.tmp")
         torch.save(payload, tmp)
         os.replace(tmp, file)  # atomic: concurrent DataLoader workers never read a torn file
+
+
+def decoded_split(data, config: AVGNConfig, split: str | None, *, cache_dir=None, class_names=None,
+                  progress: bool = False, log: Callable[[str], None] = print) -> FolderDataset:
+    """``FolderDataset`` of ``split`` (None: every row) with every file decoded into the cache; files that fail
+    are dropped, each with a ``log`` line naming it. ValueError when the folder's classes differ from
+    ``class_names`` (a checkpoint's) or when no file of the split decodes."""
+    from tqdm import tqdm
+
+    dataset = FolderDataset(data, config, split=split, cache_dir=cache_dir)
+    if class_names is not None and dataset.classes != list(class_names):
+        raise ValueError(f"{data}: classes {dataset.classes} differ from the checkpoint's {list(class_names)}")
+    desc = "decode" if split is None else f"decode {split}"
+    for error in dataset.decode_all(progress=lambda batches: tqdm(batches, desc=desc, unit="batch",
+                                                                  disable=not progress)):
+        log(f"skipping {error}")
+    if not len(dataset):
+        raise ValueError(f"{data}: no decodable videos in split {split!r}")
+    return dataset
