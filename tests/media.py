@@ -1,23 +1,35 @@
 """Real encoded test media written with PyAV, with known content, for any test to reuse.
 
-``write_video`` writes H.264 (mp4), VP9 (webm) or MJPEG (avi) video with optional AAC or Opus audio;
+``write_video`` writes any pairing of the video codecs in ``VIDEO`` with the audio codecs in ``AUDIO``
+into the container the path's suffix names (mp4, webm, avi, mkv, ts, mov), with any channel count,
+a display rotation, a pixel format, or audio packets replaced by garbage (``garble_audio``);
 ``indexed_frames`` makes frames whose flat grey level identifies their index after a lossy round
-trip; ``write_audio_only``, ``write_truncated`` and ``write_garbage`` make the broken inputs decode
-paths must survive.
+trip, ``ramp_frames`` cheap smooth frames of any size; ``write_huge_frame`` writes one PNG frame of
+any size in a few kilobytes; ``write_audio_only``, ``write_truncated`` and ``write_garbage`` make the
+broken inputs decode paths must survive. ``reference_frames`` is the decode every frame test compares
+against: full-resolution RGB from PyAV, rotated, resized with antialiased ``F.interpolate``, cropped.
 """
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-SUFFIX = {"h264": ".mp4", "vp9": ".webm", "mjpeg": ".avi"}
-_ENCODER = {"h264": "libx264", "vp9": "libvpx-vp9", "mjpeg": "mjpeg", "aac": "aac", "opus": "libopus"}
-_PIX_FMT = {"h264": "yuv420p", "vp9": "yuv420p", "mjpeg": "yuvj420p"}
-_LAYOUT = {1: "mono", 2: "stereo", 6: "5.1"}
+SUFFIX = {"h264": ".mp4", "vp9": ".webm", "mjpeg": ".avi", "ffv1": ".mkv", "mpeg4": ".mov", "png": ".mov"}
+VIDEO = {  # codec -> (PyAV encoder, default pixel format)
+    "h264": ("libx264", "yuv420p"), "vp9": ("libvpx-vp9", "yuv420p"), "mjpeg": ("mjpeg", "yuvj420p"),
+    "ffv1": ("ffv1", "yuv420p"), "mpeg4": ("mpeg4", "yuv420p"), "png": ("png", "rgb24"),
+}
+AUDIO = {  # codec -> PyAV encoder; the encoder converts the float input to its own sample format
+    "aac": "aac", "opus": "libopus", "mp2": "mp2", "flac": "flac", "pcm_s16le": "pcm_s16le", "pcm_f32le": "pcm_f32le",
+}
+_LAYOUT = {1: "mono", 2: "stereo", 6: "5.1"}  # other channel counts get FFmpeg's unordered "<n> channels"
 _AUDIO_CHUNK = 1024
 
 
@@ -60,43 +72,85 @@ def default_wave(channels: int, n: int, sample_rate: int, seed: int = 0) -> np.n
     return out
 
 
+def ramp_frames(n: int, size: tuple[int, int]) -> np.ndarray:
+    """Smooth uint8 (n, h, w, 3) frames, cheap at any size: red ramps down the rows, green across the
+    columns (each by 1 level per 16 pixels, wrapping), blue is ``40 * i`` in frame ``i``."""
+    h, w = size
+    out = np.empty((n, h, w, 3), dtype=np.uint8)
+    out[..., 0] = (np.arange(h) // 16).astype(np.uint8)[:, None]
+    out[..., 1] = (np.arange(w) // 16).astype(np.uint8)[None, :]
+    out[..., 2] = (40 * np.arange(n) % 256).astype(np.uint8)[:, None, None]
+    return out
+
+
 def write_video(path, *, codec: str = "h264", audio: str | None = "aac", size: tuple[int, int] = (48, 64),
                 fps: int = 10, seconds: float = 2.0, sample_rate: int = 16000, channels: int = 1,
                 frames: np.ndarray | None = None, wave: np.ndarray | None = None, rotate: int | None = None,
                 pts_s: list[float] | None = None, gop: int | None = None, pix_fmt: str | None = None,
-                seed: int = 0) -> Path:
-    """Encode a real video file and return its path.
+                garble_audio: bool = False, seed: int = 0) -> Path:
+    """Encode a real video file and return its path; the container is the one the suffix names.
 
-    ``frames`` (uint8 (n, h, w, 3) RGB) defaults to ``default_frames(round(fps * seconds), size)``;
-    ``pts_s`` gives each frame's timestamp in seconds for variable frame rate (else frame i is at
-    i / fps). ``wave`` (float (channels, n) in [-1, 1]) defaults to ``seconds`` of ``default_wave``.
-    ``rotate`` stores a display rotation (degrees counter-clockwise, as PyAV's ``VideoFrame.rotation``
-    reads it back); ``gop`` sets the keyframe interval. Opus accepts 8/12/16/24/48 kHz only.
+    ``codec`` is a key of ``VIDEO``, ``audio`` one of ``AUDIO`` or None. ``frames`` (uint8 (n, h, w, 3)
+    RGB) defaults to ``default_frames(round(fps * seconds), size)``; ``pts_s`` gives each frame's
+    timestamp in seconds for variable frame rate (else frame i is at i / fps). ``wave`` (float
+    (channels, n), in [-1, 1] or anything a float codec stores, NaN included) defaults to ``seconds``
+    of ``default_wave``; any channel count works (1, 2 and 6 get named layouts). ``rotate`` stores a
+    display rotation (degrees counter-clockwise, as PyAV's ``VideoFrame.rotation`` reads it back);
+    ``gop`` sets the keyframe interval; ``pix_fmt`` overrides the codec's default pixel format.
+    ``garble_audio`` replaces every audio packet's payload with random bytes of the same length and
+    keeps its timing: with ``flac`` (sync code and CRC in every frame header) or ``mp2`` (sync word)
+    the decoder rejects every packet; AAC and Opus decode some random packets as sound. Opus accepts
+    8/12/16/24/48 kHz only, MP2 16/22.05/24/32/44.1/48 kHz.
     """
     path = Path(path)
     if frames is None:
         frames = default_frames(round(fps * seconds), size, seed)
     n, h, w, _ = frames.shape
+    encoder, default_pix_fmt = VIDEO[codec]
     container = av.open(str(path), "w")
     try:
-        vs = container.add_stream(_ENCODER[codec], rate=fps)
+        vs = container.add_stream(encoder, rate=fps)
         vs.width, vs.height = w, h
-        vs.pix_fmt = pix_fmt or _PIX_FMT[codec]
+        vs.pix_fmt = pix_fmt or default_pix_fmt
         if gop is not None:
             vs.codec_context.gop_size = gop
         if pts_s is not None:
             vs.codec_context.time_base = vs.time_base = Fraction(1, 1000)
         if rotate is not None:
             vs.set_display_rotation(rotate)
-        streams = [(vs, _video_frames(frames, pts_s))]
+        streams = [(vs, _video_frames(frames, pts_s), False)]
         if audio is not None:
             if wave is None:
                 wave = default_wave(channels, round(seconds * sample_rate), sample_rate, seed)
-            streams.append(_audio_stream(container, audio, wave, sample_rate))
-        for stream, source in streams:
-            for frame in source:
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
+            streams.append((*_audio_stream(container, audio, wave, sample_rate), garble_audio))
+        rng = np.random.default_rng(seed)
+        for stream, source, garble in streams:
+            for frame in itertools.chain(source, [None]):
+                for packet in stream.encode(frame):
+                    container.mux(_garbled(packet, stream, rng) if garble else packet)
+    finally:
+        container.close()
+    return path
+
+
+def write_huge_frame(path, side: int = 16000) -> Path:
+    """One ``side x side`` PNG frame (1-bit: vertical stripes 4 pixels wide) in a mov file of a few kilobytes.
+
+    Written from a 1-bit frame (``side**2 / 8`` bytes), so even 16000 x 16000 takes ~0.2 s and 32 MB;
+    decoding it to RGB needs ``3 * side**2`` bytes (768 MB at 16000).
+    """
+    path = Path(path)
+    container = av.open(str(path), "w")
+    try:
+        stream = container.add_stream("png", rate=1)
+        stream.width = stream.height = side
+        stream.pix_fmt = "monob"
+        frame = av.VideoFrame(side, side, "monob")
+        frame.planes[0].update(np.full(frame.planes[0].buffer_size, 0x0F, dtype=np.uint8))
+        frame.pts = 0
+        for source in (frame, None):
+            for packet in stream.encode(source):
+                container.mux(packet)
     finally:
         container.close()
     return path
@@ -110,9 +164,8 @@ def write_audio_only(path, *, codec: str = "aac", seconds: float = 1.0, sample_r
     try:
         wave = default_wave(channels, round(seconds * sample_rate), sample_rate, seed)
         stream, source = _audio_stream(container, codec, wave, sample_rate)
-        for frame in source:
+        for frame in itertools.chain(source, [None]):
             container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
     finally:
         container.close()
     return path
@@ -141,18 +194,54 @@ def _video_frames(frames: np.ndarray, pts_s: list[float] | None):
 
 
 def _audio_stream(container, codec: str, wave: np.ndarray, sample_rate: int):
-    wave = np.ascontiguousarray(np.asarray(wave, dtype=np.float32))
-    if wave.ndim != 2 or wave.shape[0] not in _LAYOUT:
-        raise ValueError(f"wave must be float (channels, n) with channels in {sorted(_LAYOUT)}, got {wave.shape}")
-    layout = _LAYOUT[wave.shape[0]]
-    stream = container.add_stream(_ENCODER[codec], rate=sample_rate, layout=layout)
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 2 or wave.shape[0] < 1:
+        raise ValueError(f"wave must be float (channels, n) with channels >= 1, got {wave.shape}")
+    layout = _LAYOUT.get(wave.shape[0], f"{wave.shape[0]} channels")
+    stream = container.add_stream(AUDIO[codec], rate=sample_rate, layout=layout)
+    interleaved = np.ascontiguousarray(wave.T)  # packed "flt": PyAV builds planar frames of at most 8 planes
 
     def frames():
-        for start in range(0, wave.shape[1], _AUDIO_CHUNK):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, start:start + _AUDIO_CHUNK]),
-                                               format="fltp", layout=layout)
+        for start in range(0, interleaved.shape[0], _AUDIO_CHUNK):
+            frame = av.AudioFrame.from_ndarray(interleaved[start:start + _AUDIO_CHUNK].reshape(1, -1), format="flt",
+                                               layout=layout)
             frame.sample_rate = sample_rate
             frame.pts = start
             yield frame
 
     return stream, frames()
+
+
+def _garbled(packet, stream, rng: np.random.Generator):
+    """``packet`` with random bytes of the same length as payload, same timing and stream."""
+    junk = rng.integers(0, 256, packet.size, dtype=np.uint8)
+    junk[:2] = 0  # no codec's sync word can survive at the start
+    out = av.Packet(junk.tobytes())
+    out.pts, out.dts, out.duration, out.time_base = packet.pts, packet.dts, packet.duration, packet.time_base
+    out.stream = stream
+    return out
+
+
+def reference_frames(path, times, size: int, resize_shorter: int) -> torch.Tensor:
+    """Frames a decode should give at ``times`` (seconds after the first frame): uint8 (T, 3, size, size).
+
+    Decodes every frame in order with PyAV at full resolution, shows the last one at or before each
+    time, applies its display rotation, resizes the shorter side to ``resize_shorter`` with antialiased
+    bilinear ``F.interpolate`` (the longer to ``round(long * scale)``) and crops the centre at offset
+    ``(resized - size) // 2``.
+    """
+    with av.open(str(path)) as c:
+        decoded = [(f.time, f.to_ndarray(format="rgb24"), f.rotation) for f in c.decode(video=0)]
+    start = min(t for t, _, _ in decoded)
+    shown = [max(i for i, d in enumerate(decoded) if d[0] <= start + t) for t in times]
+    resized = {i: _reference_resize(*decoded[i][1:], size, resize_shorter) for i in set(shown)}
+    return torch.stack([resized[i] for i in shown])
+
+
+def _reference_resize(img: np.ndarray, rotation: int, size: int, resize_shorter: int) -> torch.Tensor:
+    x = torch.from_numpy(np.rot90(img, round(rotation / 90) % 4).copy()).permute(2, 0, 1)[None].float()
+    h, w = x.shape[-2:]
+    scale = resize_shorter / min(h, w)
+    x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[0, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)

@@ -18,6 +18,7 @@ and its power spectrum ``|rfft|^2`` goes through ``mel_filterbank`` and ``log(me
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -92,6 +93,11 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0
     return torch.minimum(up, down).clamp_min(0.0).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_filterbank(n_freqs: int, n_mels: int, sample_rate: int) -> torch.Tensor:
+    return mel_filterbank(n_freqs, n_mels, sample_rate)
+
+
 def window_segments(wave: torch.Tensor, sample_rate: int, centers_s, *, window_s: float, win_ms: float,
                     hop_ms: float) -> torch.Tensor:
     """The samples every STFT frame of every window reads: float (T, span), zeros outside the signal."""
@@ -99,12 +105,13 @@ def window_segments(wave: torch.Tensor, sample_rate: int, centers_s, *, window_s
         raise ValueError(f"wave must be a float (samples,) tensor, got {wave.shape=} {wave.dtype=}")
     p = frame_params(sample_rate, window_s=window_s, win_ms=win_ms, hop_ms=hop_ms)
     centers = torch.as_tensor(centers_s, dtype=torch.float64).reshape(-1)
-    first = torch.round(centers * sample_rate).long() - (p.n_steps * p.hop) // 2 + (p.hop - p.win) // 2
-    idx = (first[:, None] + torch.arange(p.span)).to(wave.device)  # (T, span)
-    inside = (idx >= 0) & (idx < wave.shape[0])
-    if wave.shape[0] == 0:
-        return torch.zeros(idx.shape, dtype=wave.dtype, device=wave.device)
-    return torch.where(inside, wave[idx.clamp(0, wave.shape[0] - 1)], wave.new_zeros(()))
+    first = (torch.round(centers * sample_rate).long() - (p.n_steps * p.hop) // 2 + (p.hop - p.win) // 2).tolist()
+    if not first:
+        return wave.new_zeros((0, p.span))
+    # zeros either side so every window is one slice of the padded signal
+    left, right = max(0, -min(first)), max(0, max(first) + p.span - wave.shape[0])
+    padded = torch.nn.functional.pad(wave, (left, right))
+    return torch.stack([padded[f + left:f + left + p.span] for f in first])
 
 
 def log_mel_windows(wave: torch.Tensor, sample_rate: int, centers_s: Sequence[float] | torch.Tensor, *,
@@ -128,8 +135,8 @@ def segments_log_mel(segments: torch.Tensor, sample_rate: int, *, window_s: floa
         raise ValueError(f"segments must be (T, {p.span}) for this framing, got {segments.shape=}")
     frames = segments.float().unfold(-1, p.win, p.hop)  # (T, n_steps, win)
     window = torch.hann_window(p.win, periodic=True, device=segments.device)
-    power = torch.fft.rfft(frames * window, n=p.n_fft).abs().square()  # (T, n_steps, n_freqs)
-    fb = mel_filterbank(p.n_freqs, n_mels, sample_rate).to(segments.device)
+    power = torch.view_as_real(torch.fft.rfft(frames * window, n=p.n_fft)).square().sum(-1)  # (T, n_steps, n_freqs)
+    fb = _cached_filterbank(p.n_freqs, n_mels, sample_rate).to(segments.device)
     mel = power @ fb  # (T, n_steps, n_mels)
     return torch.log(mel + LOG_EPS).transpose(1, 2).contiguous()
 

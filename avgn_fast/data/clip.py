@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +14,8 @@ class Clip:
     ``frames`` is uint8 (T, 3, S, S): the source resized so its shorter side is ``resize_shorter``,
     then centre-cropped to S. ``mel`` is float32 (T, n_mels, n_steps). ``source_size`` is the
     original (H, W), so boxes in frame pixels map back to the video's own pixels (``to_source``).
+    ``notes`` are one-line remarks on what decoding repaired or dropped (non-finite audio samples
+    zeroed, a broken audio stream left out); empty for a clean file.
     """
 
     frames: torch.Tensor
@@ -25,6 +27,7 @@ class Clip:
     resize_shorter: int
     frame_times: torch.Tensor | None = None
     path: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the decoder repaired or dropped (e.g. a broken audio stream)
 
     def __post_init__(self):
         if self.frames.dim() != 4 or self.frames.shape[1] != 3 or self.frames.dtype != torch.uint8:

@@ -38,20 +38,20 @@ import torch
 
 from avgn_fast.data.audio import LOG_EPS
 from avgn_fast.data.clip import Clip
-from avgn_fast.data.decode import (
+from avgn_fast.data.common import (
     DecodeError,
     DecodeParams,
     DecodeStats,
     VideoProbe,
-    audio_segments,
     center_crop,
     check_file,
-    decoded_frames,
-    probe_video,
+    check_pixels,
     resized_shape,
 )
+from avgn_fast.data.pyav_backend import PacketReader, audio_segments, probe_video
 
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder handles
+MAX_FILE_BYTES = 2 << 30  # the reader hands DALI whole files in memory: larger ones are refused
 
 
 @dataclass
@@ -68,6 +68,7 @@ class _Prepared:
     audio_present: bool
     probe: VideoProbe
     times: list[float]
+    notes: list[str]  # what was repaired or dropped while reading the audio
 
 
 def decode_batch(paths, params: DecodeParams, *, device_id: int | None,
@@ -97,33 +98,51 @@ def _prepare(path, params: DecodeParams, device_id: int | None) -> _Prepared:
     import av
 
     check_file(path)
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise DecodeError(path, f"{size:,} bytes is over the DALI reader's limit of {MAX_FILE_BYTES:,} bytes (it "
+                                "reads whole files into memory); use the pyav backend")
     stats = DecodeStats()
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
             probe = probe_video(container, path)
+            stream = container.streams.best("video")
+            check_pixels(path, stream.codec_context.width, stream.codec_context.height, params.max_pixels)
             if device_id is None and probe.codec not in CPU_CODECS:
                 raise DecodeError(path, f"DALI's CPU decoder does not handle {probe.codec} (only "
                                         f"{', '.join(CPU_CODECS)}); use the pyav backend or a GPU")
-            stream = container.streams.best("video")
-            container.seek(probe.pts[0], stream=stream, backward=True)
-            first = next(decoded_frames(container, stream, stats), None)  # for the display rotation
-            if first is None:
+            reader = PacketReader(container, None, stats)
+            key = (probe.keyframes or probe.pts)[0]
+            first = next(reader.frames(stream, key, probe.key_dts[0] if probe.key_dts else None), None)
+            if first is None:  # decoded for the display rotation
                 raise DecodeError(path, "no video frame could be decoded")
-            times, indices = probe.sample(params.num_frames)
-            segments = audio_segments(container, times, params, stats) if probe.has_audio else None
+            times, indices = probe.sample(params.num_frames, params.keyframes_only)
+            audio = container.streams.best("audio")
+            segments = None
+            if audio is not None:
+                try:
+                    segments = audio_segments(reader, audio, times, params, stats)
+                except MemoryError:
+                    raise
+                except Exception as e:  # a broken audio stream costs the audio, not the video
+                    stats.notes.append(f"audio dropped: {type(e).__name__}: {e}")
+            encoded = np.fromfile(path, dtype=np.uint8)
     except DecodeError:
         raise
+    except MemoryError as e:
+        raise DecodeError(path, "out of memory while decoding", transient=True) from e
+    except PermissionError as e:
+        raise DecodeError(path, f"permission denied ({e})", transient=True) from e
     except Exception as e:  # any failure inside PyAV/FFmpeg is this file's problem, not the caller's
         raise DecodeError(path, f"{type(e).__name__}: {e}") from e
     turns = round((first.rotation or 0) / 90) % 4
     stored = (first.height, first.width)
     displayed = stored[::-1] if turns % 2 else stored
     h, w = resized_shape(*displayed, params.resize_shorter)
-    return _Prepared(path=str(path), encoded=np.fromfile(path, dtype=np.uint8),
-                     indices=np.asarray(indices, dtype=np.int32),
+    return _Prepared(path=str(path), encoded=encoded, indices=np.asarray(indices, dtype=np.int32),
                      resize_to=np.asarray((w, h) if turns % 2 else (h, w), dtype=np.float32), turns=turns,
                      displayed=displayed, audio=_concatenate_windows(segments, params),
-                     audio_present=segments is not None, probe=probe, times=times)
+                     audio_present=segments is not None, probe=probe, times=times, notes=stats.notes)
 
 
 def _stride(params: DecodeParams) -> int:
@@ -172,7 +191,7 @@ def _run(items: list[_Prepared], params: DecodeParams, device_id: int | None, ba
                           duration=item.probe.duration_s, fps=item.probe.fps, source_size=item.displayed,
                           resize_shorter=params.resize_shorter,
                           frame_times=torch.tensor(item.times, dtype=torch.float64) - item.probe.start_s,
-                          path=item.path))
+                          path=item.path, notes=list(item.notes)))
     return clips
 
 
