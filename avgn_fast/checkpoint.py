@@ -7,6 +7,7 @@ can resume; every checkpoint loads with ``avgn_fast.load``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,32 +59,166 @@ def save_checkpoint(path, model: AVGN, *, class_names, metrics: dict | None = No
 
 
 def load_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint onto the CPU; ValueError naming the file if it is not a readable avgn_fast checkpoint."""
+    """Read a checkpoint onto the CPU, checking it before any tensor of the model is allocated.
+
+    Checked in order: the payload (a dict with the format tag and version), the class names (a
+    list of distinct strings), the config (known fields, typed values in range, see
+    ``AVGNConfig``), one class name per class, then every weight against a model built on the meta
+    device (same keys, shapes and dtypes; finite values). So a small file cannot make the loader
+    allocate a model far larger than itself. FileNotFoundError when there is no file; otherwise
+    every failure is a ValueError whose message starts with the path.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a checkpoint file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise ValueError(f"{path}: not a readable avgn_fast checkpoint ({type(e).__name__}: {e})") from e
+        first_line = next(iter(str(e).strip().splitlines()), "")  # the unpickler's messages run to many lines
+        raise ValueError(f"{path}: not a readable avgn_fast checkpoint ({type(e).__name__}: {_short(first_line, 200)})"
+                         ) from e
+    try:
+        return _from_payload(payload)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _from_payload(payload) -> Checkpoint:
+    """The checkpoint a loaded payload describes, checked in ``load_checkpoint``'s order (ValueError without
+    the path)."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an avgn_fast checkpoint (no {FORMAT!r} format tag)")
+        raise ValueError(f"not an avgn_fast checkpoint (no {FORMAT!r} format tag)")
     if payload.get("version") != VERSION:
-        raise ValueError(f"{path}: checkpoint version {payload.get('version')!r}; this avgn_fast reads {VERSION}")
+        raise ValueError(f"checkpoint version {payload.get('version')!r}; this avgn_fast reads {VERSION}")
     missing = {"config", "class_names", "state_dict"} - payload.keys()
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {sorted(missing)}")
+        raise ValueError(f"checkpoint lacks {sorted(missing)}")
+    for key, kind in (("state_dict", dict), ("metrics", dict), ("train_state", dict), ("cost", dict)):
+        if key in payload and not isinstance(payload[key], kind):
+            raise ValueError(f"{key} must be a {kind.__name__}, got {type(payload[key]).__name__}")
+    class_names = _checked_class_names(payload["class_names"])
     try:
         config = AVGNConfig.from_dict(payload["config"])
-        model = AVGN(config)
-        model.load_state_dict(payload["state_dict"])
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise ValueError(f"{path}: checkpoint does not describe a valid AVGN ({e})") from e
-    if "cost" in payload:
-        model._cost = Cost(**payload["cost"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"checkpoint does not describe a valid AVGN: bad config ({e})") from e
+    if len(class_names) != config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with num_classes={config.num_classes}")
+    state_dict = payload["state_dict"]
+    _check_state_dict(config, state_dict)
+    cost = _checked_cost(payload.get("cost"))
+    model = AVGN(config)  # the shapes matched: this allocates no more than the file holds
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:  # a tensor of the right shape and dtype that cannot be copied (e.g. sparse)
+        raise ValueError(f"checkpoint does not describe a valid AVGN: {_short(str(e), 200)}") from e
+    if cost is not None:
+        model._cost = cost
     model.eval()
-    return Checkpoint(model, list(payload["class_names"]), dict(payload.get("metrics", {})),
-                      payload.get("train_state"))
+    return Checkpoint(model, class_names, dict(payload.get("metrics", {})), payload.get("train_state"))
+
+
+def _checked_class_names(names) -> list[str]:
+    """``names`` if it is a list of distinct strings, else ValueError naming the problem."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"class_names must be a list of str, got {_short(names)}")
+    seen, repeated = set(), []
+    for name in names:
+        if name in seen and name not in repeated:
+            repeated.append(name)
+        seen.add(name)
+    if repeated:
+        raise ValueError(f"class_names repeat {_listing(repeated)}")
+    return names
+
+
+def _check_state_dict(config: AVGNConfig, state_dict: dict) -> None:
+    """ValueError unless ``state_dict`` holds exactly the tensors of an AVGN of ``config``: the same keys, each
+    tensor with the same shape and dtype and only finite values. The model is built on the meta device,
+    so nothing the size of the model is allocated; the first mismatches are named."""
+    try:
+        with torch.device("meta"):
+            expected = AVGN(config).state_dict()
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"checkpoint does not describe a valid AVGN: {e}") from e
+    foreign = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if foreign:
+        raise ValueError(f"state_dict entries that are not tensors: {_listing(foreign)}")
+    missing = [key for key in expected if key not in state_dict]
+    extra = [key for key in state_dict if key not in expected]
+    if missing or extra:
+        parts = [f"lacks {_listing(missing)}"] if missing else []
+        parts += [f"has unexpected {_listing(extra)}"] if extra else []
+        raise ValueError(f"checkpoint does not describe a valid AVGN of its config: state_dict {'; '.join(parts)}")
+    wrong = [f"{key} is {tuple(state_dict[key].shape)} {state_dict[key].dtype}, the config needs "
+             f"{tuple(want.shape)} {want.dtype}" for key, want in expected.items()
+             if state_dict[key].shape != want.shape or state_dict[key].dtype != want.dtype]
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise ValueError(f"checkpoint does not describe a valid AVGN of its config: {'; '.join(wrong[:3])}{more}")
+    # NaN or inf weights would only show later as NaN scores on every video
+    broken = [key for key, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ValueError(f"non-finite (NaN or inf) weights in {_listing(broken)}")
+
+
+def _checked_cost(cost: dict | None) -> Cost | None:
+    """The saved ``Cost``, if any; ValueError unless it is two finite GMAC counts ≥ 0."""
+    if cost is None:
+        return None
+    values = [cost.get(name) for name in ("per_video", "per_step")]
+    if set(cost) != {"per_video", "per_step"} or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"cost must be {{'per_video': GMACs, 'per_step': GMACs}} (finite, ≥ 0), got {_short(cost)}")
+    return Cost(*(float(v) for v in values))
+
+
+def _listing(items: Sequence, limit: int = 3) -> str:
+    """The first ``limit`` of ``items``, and how many more."""
+    shown = ", ".join(repr(item) for item in items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a hostile payload cannot flood an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def config_differences(saved: dict, wanted: dict, skip: Sequence[str] = ()) -> list[str]:
+    """``"field=saved there, wanted here"`` for each field whose values differ (nested dicts compared field by
+    field, named ``a.b``), fields in ``skip`` aside; a field only one side has shows ``<absent>`` on the other."""
+    out = []
+    for key in [*saved, *(k for k in wanted if k not in saved)]:
+        if key in skip:
+            continue
+        old, new = saved.get(key, _ABSENT), wanted.get(key, _ABSENT)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += [f"{key}.{line}" for line in config_differences(old, new)]
+        elif old != new:
+            out.append(f"{key}={'<absent>' if old is _ABSENT else repr(old)} there, "
+                       f"{'<absent>' if new is _ABSENT else repr(new)} here")
+    return out
+
+
+_ABSENT = object()
+
+
+def class_name_differences(saved: Sequence[str], wanted: Sequence[str]) -> list[str]:
+    """How two class lists differ, as short phrases (none when equal): the names only one side has, or the
+    first position where the same names come in another order."""
+    saved, wanted = list(saved), list(wanted)
+    if saved == wanted:
+        return []
+    saved_set, wanted_set = set(saved), set(wanted)
+    only_saved = [name for name in saved if name not in wanted_set]
+    only_wanted = [name for name in wanted if name not in saved_set]
+    if only_saved or only_wanted:
+        return [f"class_names: {len(saved)} there, {len(wanted)} here; only there: {_listing(only_saved) or '-'}; "
+                f"only here: {_listing(only_wanted) or '-'}"]
+    i = next((i for i, (a, b) in enumerate(zip(saved, wanted, strict=False)) if a != b), min(len(saved), len(wanted)))
+    return [f"class_names in another order or repeated: from #{i}, {saved[i:i + 2]} there, {wanted[i:i + 2]} here"]
 
 
 # config fields that change no weight: a model may differ from the checkpoint it starts from in these
@@ -119,8 +254,7 @@ def init_from_checkpoint(model: AVGN, class_names: Sequence[str], path, *, loade
     class_names = [str(name) for name in class_names]
     if len(class_names) != model.config.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {model.config.num_classes} classes")
-    old, new = ckpt.model.config.to_dict(), model.config.to_dict()
-    differ = [f"{k}={old[k]!r} there, {new[k]!r} here" for k in old if k not in _WEIGHTLESS_FIELDS and old[k] != new[k]]
+    differ = config_differences(ckpt.model.config.to_dict(), model.config.to_dict(), skip=_WEIGHTLESS_FIELDS)
     if differ:
         raise ValueError(f"{path}: cannot start from this checkpoint, its architecture differs: {'; '.join(differ)}")
     source = ckpt.model.state_dict()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 from dataclasses import dataclass, fields
-from typing import Literal, get_type_hints
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 
 def use_triton() -> bool:
@@ -55,6 +58,8 @@ class AVGNConfig:
     dense: bool = False  # local encoder on all T full frames, no glance
 
     def __post_init__(self):
+        _check_types(self)
+        _check_ranges(self)
         if not 1 <= self.k <= self.num_frames:
             raise ValueError(f"k must be in [1, num_frames={self.num_frames}], got {self.k}")
         if self.patch_size > self.frame_size:
@@ -67,6 +72,12 @@ class AVGNConfig:
             raise ValueError(f"glance_token_stride must be 8, 16 or 32, got {self.glance_token_stride}")
         if self.local_arch not in ("resnet18", "resnet50"):
             raise ValueError(f"local_arch must be 'resnet18' or 'resnet50', got {self.local_arch!r}")
+        if self.resize_shorter < self.frame_size:
+            raise ValueError(f"resize_shorter={self.resize_shorter} is smaller than frame_size={self.frame_size}")
+        # the attention layers split their width evenly across heads
+        for dim, heads in (("avtest_dim", "avtest_heads"), ("aespa_dim", "aespa_heads")):
+            if getattr(self, dim) % getattr(self, heads):
+                raise ValueError(f"{dim}={getattr(self, dim)} must be divisible by {heads}={getattr(self, heads)}")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> AVGNConfig:
@@ -95,11 +106,77 @@ class AVGNConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> AVGNConfig:
+        """The config of ``to_dict``'s output; ValueError for a non-dict, an unknown field or a bad value
+        (fields absent from ``d`` take their defaults)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a dict of fields, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
         return cls(**d)
+
+
+# sizes, counts and widths that must be at least 1 (``avtest_layers`` may be 0: frames scored without attention)
+_POSITIVE_INTS = ("num_classes", "num_frames", "frame_size", "resize_shorter", "glance_size", "sample_rate", "n_mels",
+                  "avtest_dim", "avtest_heads", "aespa_dim", "aespa_heads", "patch_size", "local_width", "fusion_dim")
+_POSITIVE_FLOATS = ("audio_window_s", "win_ms", "hop_ms", "glance_width", "audio_width")
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` has the type ``hint`` names: bools only for bool, ints (not bools) for int, ints or
+    floats for float, a member of the type of a Literal's values, any member of a union."""
+    if get_origin(hint) is Literal:
+        return isinstance(value, tuple({type(arg) for arg in get_args(hint)}))
+    if get_origin(hint) in (Union, UnionType):
+        return any(_fits(value, arg) for arg in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    """``hint`` in words: "an int", "a number or None", "'avtest' or 'uniform'"."""
+    if get_origin(hint) is Literal:
+        return " or ".join(repr(arg) for arg in get_args(hint))
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(hint))
+    return {bool: "a bool", int: "an int", float: "a number", str: "a str", type(None): "None"}.get(hint, str(hint))
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return get_type_hints(cls)
+
+
+def _check_types(config: AVGNConfig) -> None:
+    """ValueError naming the first field whose value is not of its declared type."""
+    hints = _hints(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not _fits(value, hints[f.name]):
+            raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {value!r} ({type(value).__name__})")
+
+
+def _check_ranges(config: AVGNConfig) -> None:
+    """ValueError naming the first size, duration or width out of range (non-positive or not finite)."""
+    for name in _POSITIVE_INTS:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.avtest_layers < 0:
+        raise ValueError(f"avtest_layers must be at least 0, got {config.avtest_layers}")
+    for name in _POSITIVE_FLOATS:
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number above 0, got {value}")
+    if config.exit_threshold is not None and not 0 <= config.exit_threshold <= 1:
+        raise ValueError(f"exit_threshold must be None or a probability in [0, 1], got {config.exit_threshold}")
 
 
 def _parse_value(key: str, raw: str, hint):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from avgn_fast.checkpoint import load_checkpoint, save_checkpoint
+from avgn_fast.checkpoint import class_name_differences, config_differences, load_checkpoint, save_checkpoint
 from avgn_fast.config import AVGNConfig
 from avgn_fast.models.avgn import AVGN
 from avgn_fast.training.losses import LossWeights, audio_warmup_losses, avgn_losses, look_losses
@@ -200,13 +200,23 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
     parts = [part for part in model.children() if any(p.requires_grad for p in part.parameters())]
     history, best, best_state, start_epoch = [], None, None, 0
     if resume:
-        if out_dir is None or not (out_dir / "last.pt").is_file():
+        last = None if out_dir is None else out_dir / "last.pt"
+        if last is None or not last.is_file():
             raise FileNotFoundError(f"cannot resume: no last.pt in {out_dir}")
-        state = load_checkpoint(out_dir / "last.pt")
-        if state.train_state is None:
-            raise ValueError(f"{out_dir / 'last.pt'}: no training state to resume from")
-        if state.model.config != model.config:
-            raise ValueError(f"{out_dir / 'last.pt'}: saved config differs from the requested one")
+        state = load_checkpoint(last)
+        saved = state.train_state or {}
+        missing = {"optimizer", "scheduler", "rng", "history", "best"} - saved.keys()
+        if not isinstance(saved.get("settings"), dict):
+            missing.add("settings")
+        if missing:
+            raise ValueError(f"{last}: no training state to resume from (lacks {', '.join(sorted(missing))})")
+        # more joint epochs extend a run; any other change would make it a different run
+        differ = config_differences(state.model.config.to_dict(), model.config.to_dict())
+        differ += [f"settings.{d}" for d in config_differences(state.train_state["settings"], settings.as_dict(),
+                                                                skip=("epochs",))]
+        differ += class_name_differences(state.class_names, [str(name) for name in class_names])
+        if differ:
+            raise ValueError(f"{last}: cannot resume, the saved run differs from this one: {'; '.join(differ)}")
         model.load_state_dict(state.model.state_dict())
         optimizer.load_state_dict(state.train_state["optimizer"])
         scheduler.load_state_dict(state.train_state["scheduler"])
