@@ -404,7 +404,7 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
           ks: Iterable[int] = KS, thresholds: int = THRESHOLDS,
           patch_sizes: str | Iterable[int] = "auto", glance_sizes: str | Iterable[int] = "auto", batch_size: int = 32,
           device: str = "auto", backend: str = "eager", precision: str = "auto", progress: bool = True,
-          log: Callable[[str], None] = print) -> ParetoResult:
+          log: Callable[[str], None] = print, allow_outside: bool = False) -> ParetoResult:
     """Measure every knob setting of every checkpoint on ``split`` of the folder dataset ``data``.
 
     ``thresholds`` early-exit thresholds per checkpoint are calibrated on ``val_split`` (none without
@@ -413,7 +413,7 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
     note says why). Every point runs on the batched early-exit engine (``backend``, ``precision``: see
     ``avgn_fast.engine.early_exit.GlanceEngine``), so videos that exit early leave the batch; compile and
     warm-up time is kept out of videos/s. Decoded clips are cached in ``cache_dir`` so each video is
-    decoded once.
+    decoded once. ``allow_outside`` accepts labels.csv paths outside ``data`` (see ``read_labels``).
     """
 
     from avgn_fast.checkpoint import load_checkpoint
@@ -435,14 +435,15 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
     ckpts = [load_checkpoint(path) for path in checkpoints]
     paths = [str(path) for path in checkpoints]
     names = _unique_names([c.model.config for c in ckpts], paths)
-    calibrate = thresholds > 0 and val_split is not None and any(e.split == val_split for e in read_labels(data))
+    rows = read_labels(data, allow_outside=allow_outside)
+    calibrate = thresholds > 0 and val_split is not None and any(e.split == val_split for e in rows)
     notes = [] if calibrate or thresholds < 1 else [f"no {val_split!r} split in {data}: no early-exit thresholds"]
     decoded = 0
 
     def dataset(config, which):
         nonlocal decoded
         ds = decoded_split(data, config, which, cache_dir=cache_dir, progress=progress,
-                           log=lambda line: log(f"pareto: {line}"))
+                           log=lambda line: log(f"pareto: {line}"), allow_outside=allow_outside)
         decoded += ds.decodes
         return FolderSource(ds)
 

@@ -101,26 +101,29 @@ def test_cache_serves_second_epoch_without_decoding(folder, tmp_path):
     assert second.decodes == 0
 
 
-def test_cache_is_keyed_on_size_and_mtime(folder, tmp_path):
+def test_cache_is_keyed_on_content_size_and_mtime(folder, tmp_path):
     root = tmp_path / "copy"
     (root / "clips").mkdir(parents=True)
     video = root / "clips" / "a.webm"
-    video.write_bytes((folder / "clips" / "a.webm").read_bytes())
+    original_bytes = (folder / "clips" / "a.webm").read_bytes()
+    video.write_bytes(original_bytes)
     write_labels(root, "path,label\nclips/a.webm,dog\n")
     cache = tmp_path / "cache"
     ds = FolderDataset(root, CONFIG, cache_dir=cache)
     original = ds[0][0]
     stat = video.stat()
-    video.write_bytes(bytes(stat.st_size))  # same size, garbage content, same mtime: still the cached clip
+    video.write_bytes(bytes(stat.st_size))  # same size and mtime, other content: decoded again
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    garbage = FolderDataset(root, CONFIG, cache_dir=cache)
+    with pytest.raises(DecodeError):
+        garbage[0]
+    assert garbage.decodes == 1
+    video.write_bytes(original_bytes)  # the original content back, same mtime: its entry serves again
     os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     again = FolderDataset(root, CONFIG, cache_dir=cache)
     assert torch.equal(again[0][0].frames, original.frames) and again.decodes == 0
     os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a newer mtime: decoded again
-    changed = FolderDataset(root, CONFIG, cache_dir=cache)
-    with pytest.raises(DecodeError):
-        changed[0]
-    assert changed.decodes == 1
+    touched = FolderDataset(root, CONFIG, cache_dir=cache)
+    assert torch.equal(touched[0][0].frames, original.frames) and touched.decodes == 1
     other_params = FolderDataset(root, CONFIG.replace(num_frames=2, k=2), cache_dir=cache)
-    with pytest.raises(DecodeError):
-        other_params[0]
-    assert other_params.decodes == 1
+    assert other_params[0][0].frames.shape[0] == 2 and other_params.decodes == 1

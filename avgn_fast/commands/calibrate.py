@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from avgn_fast.checkpoint import load_checkpoint, save_checkpoint
-from avgn_fast.data.folder import decoded_split
+from avgn_fast.data.folder import decoded_split, default_cache_dir
 from avgn_fast.engine.predictor import resolve_device
 from avgn_fast.pareto import choose_threshold, exit_engine, exit_outcome, model_variant, step_probs
 from avgn_fast.training.trainer import FolderSource
@@ -26,21 +26,26 @@ def add_arguments(parser) -> None:
                         help="top-1 points τ may lose against taking every step on the split; default: 0")
     parser.add_argument("--out", default=None, help="new checkpoint; default: CHECKPOINT's name + _tau.pt")
     parser.add_argument("--batch-size", type=int, default=32, help="videos per batch; default: 32")
-    parser.add_argument("--cache-dir", default=None, help="decoded-clip cache; default: the checkpoint's folder/cache")
+    parser.add_argument("--cache-dir", default=None,
+                        help="decoded-clip cache; default: the checkpoint's folder/cache, or "
+                        "$XDG_CACHE_HOME/avgn_fast/clips when that folder is not writable")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="accept labels.csv paths that are absolute or lead outside the dataset folder")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
 
 
 def main(checkpoint, data, split: str = "val", max_drop: float = 0.0, out=None, batch_size: int = 32,
-         cache_dir=None, device: str = "auto", progress: bool = True) -> int:
+         cache_dir=None, device: str = "auto", allow_outside: bool = False, progress: bool = True) -> int:
     if not 0 <= max_drop <= 100:
         raise ValueError(f"--max-drop is in top-1 points, between 0 and 100; got {max_drop}")
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     config = ckpt.model.config
     out = Path(checkpoint).with_name(Path(checkpoint).stem + "_tau.pt") if out is None else Path(out)
-    cache_dir = Path(checkpoint).parent / "cache" if cache_dir is None else Path(cache_dir)
+    log = lambda line: print(f"avgn-fast calibrate: {line}")
+    cache_dir = default_cache_dir(Path(checkpoint).parent / "cache", log=log) if cache_dir is None else Path(cache_dir)
     dataset = decoded_split(data, config, split, cache_dir=cache_dir, class_names=ckpt.class_names,
-                            progress=progress, log=lambda line: print(f"avgn-fast calibrate: {line}"))
+                            progress=progress, log=log, allow_outside=allow_outside)
     source = FolderSource(dataset)
     model = model_variant(ckpt.model.to(dev).eval(), config.patch_size, config.glance_size)  # never exits on its own
     engine = exit_engine(model, model.steps, backend="eager", precision="auto", batch_size=batch_size)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from avgn_fast.checkpoint import load_checkpoint
-from avgn_fast.data.folder import decoded_split
+from avgn_fast.data.folder import decoded_split, default_cache_dir
 from avgn_fast.engine.predictor import resolve_device
 from avgn_fast.training.trainer import FolderSource, evaluate
 
@@ -25,13 +25,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"inference override, one of {', '.join(INFERENCE_FIELDS)} (e.g. --set k=4)")
     parser.add_argument("--batch-size", type=int, default=32, help="videos per batch; default: 32")
-    parser.add_argument("--cache-dir", default=None, help="decoded-clip cache; default: the checkpoint's folder/cache")
+    parser.add_argument("--cache-dir", default=None,
+                        help="decoded-clip cache; default: the checkpoint's folder/cache, or "
+                        "$XDG_CACHE_HOME/avgn_fast/clips when that folder is not writable")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="accept labels.csv paths that are absolute or lead outside the dataset folder")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def main(checkpoint, data, split: str = "test", set: Sequence[str] = (), batch_size: int = 32, cache_dir=None,
-         device: str = "auto", json: bool = False, progress: bool = True) -> int:
+         device: str = "auto", json: bool = False, allow_outside: bool = False, progress: bool = True) -> int:
     device = resolve_device(device)  # a CUDA request without CUDA fails before anything is decoded
     ckpt = load_checkpoint(checkpoint)
     config = ckpt.model.config
@@ -41,10 +45,10 @@ def main(checkpoint, data, split: str = "test", set: Sequence[str] = (), batch_s
     if fixed:
         raise ValueError(f"cannot override {', '.join(fixed)} at evaluation: only {', '.join(INFERENCE_FIELDS)} "
                          "can change; the rest is fixed by the checkpoint")
-    cache_dir = Path(checkpoint).parent / "cache" if cache_dir is None else Path(cache_dir)
+    log = lambda line: print(f"avgn-fast eval: {line}")
+    cache_dir = default_cache_dir(Path(checkpoint).parent / "cache", log=log) if cache_dir is None else Path(cache_dir)
     dataset = decoded_split(data, config, None if split == "all" else split, cache_dir=cache_dir,
-                            class_names=ckpt.class_names, progress=progress,
-                            log=lambda line: print(f"avgn-fast eval: {line}"))
+                            class_names=ckpt.class_names, progress=progress, log=log, allow_outside=allow_outside)
     model = ckpt.model.to(device)
     requested = {item.partition("=")[0].strip().replace("-", "_") for item in set}
     result = evaluate(model, FolderSource(dataset), batch_size=batch_size, k=changed.k if "k" in requested else None,

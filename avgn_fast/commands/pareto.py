@@ -45,7 +45,10 @@ def add_arguments(parser) -> None:
                         help="glance sizes G swept, e.g. 112; 'auto' = G/2 and G·3/4, 'none'; default: auto")
     parser.add_argument("--batch-size", type=int, default=32, help="videos per batch; default: 32")
     parser.add_argument("--cache-dir", default=None,
-                        help="decoded-clip cache; default: the --checkpoint's folder/cache (where train put it)")
+                        help="decoded-clip cache; default: the --checkpoint's folder/cache (where train put it), or "
+                        "$XDG_CACHE_HOME/avgn_fast/clips when that folder is not writable")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="accept labels.csv paths that are absolute or lead outside the dataset folder")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--backend", default="eager",
                         help="engine backend: eager, inductor, tensorrt or auto (compiles one engine per setting); "
@@ -56,17 +59,21 @@ def add_arguments(parser) -> None:
 def main(checkpoint, data, out, baseline: Sequence[str] = (), split: str = "test", val_split: str | None = "val",
          quick: bool = False, ks: str = ",".join(map(str, pareto.KS)), thresholds: int = pareto.THRESHOLDS,
          patch_sizes: str = "auto", glance_sizes: str = "auto", batch_size: int = 32, cache_dir=None,
-         device: str = "auto", backend: str = "eager", precision: str = "auto", progress: bool = True) -> int:
+         device: str = "auto", backend: str = "eager", precision: str = "auto", allow_outside: bool = False,
+         progress: bool = True) -> int:
     if batch_size < 1 or thresholds < 0:
         raise ValueError(f"need batch_size ≥ 1 and thresholds ≥ 0; got {batch_size=} {thresholds=}")
     if quick:
         thresholds, patch_sizes, glance_sizes = min(thresholds, pareto.QUICK_THRESHOLDS), "none", "none"
-    cache_dir = Path(checkpoint).parent / "cache" if cache_dir is None else Path(cache_dir)
+    if cache_dir is None:
+        from avgn_fast.data.folder import default_cache_dir
+
+        cache_dir = default_cache_dir(Path(checkpoint).parent / "cache", log=lambda line: print(f"pareto: {line}"))
     result = pareto.sweep([checkpoint, *baseline], data, split=split,
                           val_split=None if val_split == "none" else val_split, cache_dir=cache_dir, ks=_ints(ks),
                           thresholds=thresholds, patch_sizes=_sizes(patch_sizes), glance_sizes=_sizes(glance_sizes),
                           batch_size=batch_size, device=device, backend=backend, precision=precision,
-                          progress=progress)
+                          allow_outside=allow_outside, progress=progress)
     paths = pareto.write_all(result, out)
     print(pareto.markdown_table(result))
     for note in result.notes:

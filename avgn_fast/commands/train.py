@@ -1,9 +1,10 @@
 """Train an AVGN on a folder dataset (DIR/labels.csv with columns path,label[,split]).
 
-Decoded clips are cached (default RUN_DIR/cache) so only the first epoch decodes. Each epoch
-writes RUN_DIR/last.pt (resumable with --resume) and RUN_DIR/best.pt (best validation top-1),
-plus RUN_DIR/history.json. ``--init CKPT`` fine-tunes a trained AVGN on the folder: its architecture and
-weights, with the class layers' rows carried over for the classes both share (``init_from_checkpoint``).
+Decoded clips are cached (default RUN_DIR/cache, or the user cache folder when RUN_DIR is not
+writable) so only the first epoch decodes. Each epoch writes RUN_DIR/last.pt (resumable with
+--resume) and RUN_DIR/best.pt (best validation top-1), plus RUN_DIR/history.json. ``--init CKPT``
+fine-tunes a trained AVGN on the folder: its architecture and weights, with the class layers' rows
+carried over for the classes both share (``init_from_checkpoint``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from avgn_fast.checkpoint import init_from_checkpoint, load_checkpoint
 from avgn_fast.config import AVGNConfig
-from avgn_fast.data.folder import decoded_split, read_labels
+from avgn_fast.data.folder import decoded_split, default_cache_dir, read_labels
 from avgn_fast.engine.predictor import resolve_device
 from avgn_fast.models.avgn import AVGN
 from avgn_fast.models.backbones import load_pretrained
@@ -56,7 +57,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-split", default="train", help="split used for training; default: train")
     parser.add_argument("--val-split", default="val",
                         help="split validated after each epoch ('none' to skip); default: val")
-    parser.add_argument("--cache-dir", default=None, help="decoded-clip cache; default: OUT/cache")
+    parser.add_argument("--cache-dir", default=None,
+                        help="decoded-clip cache; default: OUT/cache, or $XDG_CACHE_HOME/avgn_fast/clips when OUT "
+                        "is not writable")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="accept labels.csv paths that are absolute or lead outside the dataset folder")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
 
 
@@ -65,10 +70,10 @@ def main(data, out, config: str | None = None, epochs: int = TrainSettings.epoch
          look_epochs: int = TrainSettings.look_epochs, seed: int = TrainSettings.seed,
          batch_size: int = TrainSettings.batch_size, lr: float = TrainSettings.lr,
          init=None, init_visual=None, init_local=None, resume: bool = False, train_split: str = "train",
-         val_split: str | None = "val", cache_dir=None, device: str = "auto", progress: bool = True) -> int:
+         val_split: str | None = "val", cache_dir=None, device: str = "auto", allow_outside: bool = False,
+         progress: bool = True) -> int:
     device = resolve_device(device)  # a CUDA request without CUDA fails before anything is decoded
     out = Path(out)
-    cache_dir = out / "cache" if cache_dir is None else Path(cache_dir)
     if init is not None:
         if config is not None or set or init_visual is not None or init_local is not None:
             raise ValueError("--init takes the architecture and weights from the checkpoint: drop --config, --set, "
@@ -78,12 +83,15 @@ def main(data, out, config: str | None = None, epochs: int = TrainSettings.epoch
     else:
         probe = AVGNConfig.from_name(config or "tiny").with_overrides(list(set))
     log = lambda line: print(f"avgn-fast train: {line}")
-    train_set = decoded_split(data, probe, train_split, cache_dir=cache_dir, progress=progress, log=log)
+    cache_dir = default_cache_dir(out / "cache", log=log) if cache_dir is None else Path(cache_dir)
+    train_set = decoded_split(data, probe, train_split, cache_dir=cache_dir, progress=progress, log=log,
+                              allow_outside=allow_outside)
     cfg = probe.replace(num_classes=len(train_set.classes))
     val_set = None
     if val_split not in (None, "none"):
-        if any(entry.split == val_split for entry in read_labels(data)):
-            val_set = decoded_split(data, cfg, val_split, cache_dir=cache_dir, progress=progress, log=log)
+        if any(entry.split == val_split for entry in read_labels(data, allow_outside=allow_outside)):
+            val_set = decoded_split(data, cfg, val_split, cache_dir=cache_dir, progress=progress, log=log,
+                                    allow_outside=allow_outside)
         else:
             log(f"no {val_split!r} split in {data}; training without validation")
 
