@@ -2,12 +2,17 @@
 
 Each command module defines ``add_arguments(parser)`` and an importable ``main(**kwargs)``; the
 parsed flags are passed to ``main`` by name, so every command is callable from Python as well.
+
+Errors print one line, ``avgn-fast: error: ...``, and no traceback (``AVGN_DEBUG=1`` shows it). Exit
+status: 0 done, 1 a runtime failure (or the command's own failure, e.g. every input failed), 2 a usage
+problem (bad arguments; ValueError or FileNotFoundError from a command's checks), 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -24,8 +29,19 @@ COMMANDS = {
 }
 
 
+class UsageError(Exception):
+    """Bad command-line arguments."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises ``UsageError`` instead of printing usage and exiting, so ``main`` reports it in one line."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="avgn-fast", description="Audio-Visual Glance Network toolkit")
+    parser = _Parser(prog="avgn-fast", description="Audio-Visual Glance Network toolkit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"avgn_fast.commands.{name}")
@@ -36,15 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    """Run one command from ``argv`` (default ``sys.argv[1:]``) and return its exit status (module docstring)."""
+    try:
+        args = vars(build_parser().parse_args(argv))
+    except UsageError as e:
+        return _error(str(e), 2)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
     args.pop("command")
     run = args.pop("_main")
     try:
         code = run(**args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"avgn-fast: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("avgn-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("AVGN_DEBUG") == "1":
+            raise
+        if isinstance(e, (ValueError, FileNotFoundError)):
+            return _error(str(e), 2)
+        return _error(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, 1)
     return int(code or 0)
+
+
+def _error(message: str, code: int) -> int:
+    print(f"avgn-fast: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

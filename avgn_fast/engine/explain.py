@@ -10,22 +10,41 @@ import torch
 from avgn_fast.data.clip import Clip
 
 
-def explanation_path(explain_dir, prediction, index: int) -> Path:
-    stem = Path(prediction.path).stem if prediction.path else "clip"
+def explanation_path(explain_dir, input_path: str | os.PathLike | None, index: int) -> Path:
+    """Where the explanation of input number ``index`` (``input_path``, None for an in-memory clip) goes."""
+    stem = Path(input_path).stem if input_path else "clip"
     return Path(explain_dir) / f"{index:05d}_{stem}.png"
 
 
 def write_explanation(explain_dir: str | os.PathLike, clip: Clip, prediction, *, index: int) -> Path:
-    """Render ``prediction`` for ``clip`` (frames at S pixels) into ``explain_dir``; returns the PNG path."""
+    """Render ``prediction`` for ``clip`` (frames at S pixels) into ``explain_dir``; returns the PNG path.
+
+    Never replaces a file: an existing PNG of that name raises ``FileExistsError``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    path = explanation_path(explain_dir, prediction.path, index)
+    kept = prediction.kept_frames
+    fig = plt.figure(figsize=(max(2.0 * max(len(kept), 1), 6.0), 4.6), constrained_layout=True)
+    try:
+        _draw(fig, clip, prediction)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb") as f:
+            fig.savefig(f, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _draw(fig, clip: Clip, prediction) -> None:
+    """Kept frames with their patch boxes on top, the saliency timeline below, the decision as title."""
     from matplotlib.patches import Rectangle
 
     kept = prediction.kept_frames
     cols = max(len(kept), 1)
-    fig = plt.figure(figsize=(max(2.0 * cols, 6.0), 4.6), constrained_layout=True)
     grid = fig.add_gridspec(2, cols, height_ratios=[2.2, 1.0])
     # patch boxes are stored in source pixels; draw them in the S-pixel frames the model saw
     boxes = clip.to_frame(torch.tensor(prediction.patch_boxes, dtype=torch.float32).view(-1, 4)).tolist()
@@ -47,8 +66,3 @@ def write_explanation(explain_dir: str | os.PathLike, clip: Clip, prediction, *,
     name = Path(prediction.path).name if prediction.path else "clip"
     fig.suptitle(f"{name}: {prediction.label} ({prediction.score:.2f}), exit after step "
                  f"{prediction.exit_step + 1}, {prediction.gflops:.3f} GFLOPs", fontsize=9)
-    path = explanation_path(explain_dir, prediction, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
