@@ -1,0 +1,62 @@
+"""Accuracy-vs-GFLOPs Pareto sweep: every inference knob of every checkpoint, measured for real.
+
+For each checkpoint (AVGN and its baselines, each from its own training run) the sweep runs the
+split once per knob setting: K ∈ {1, 2, 4, 8, 16} steps (those the checkpoint has), early-exit
+thresholds τ calibrated on the validation split so the points spread over GFLOPs, and other
+patch sizes P / glance resolutions G where the checkpoint's weights run them unchanged. Every point
+gets top-1, mAP, mean GMACs per video from the exits actually taken, and videos/s of the model on
+the current device (decoded clips already in memory). ``write_all`` writes ``pareto.csv``,
+``pareto.json``, ``pareto.md`` (frontier marked) and ``pareto.png``.
+
+Modules, each importing only those before it: ``plan`` (knob settings, method names), ``calibration``
+(early-exit thresholds from per-step probabilities), ``report`` (result types, frontier, the four files),
+``sweep`` (loading checkpoints and running the engine).
+"""
+
+from avgn_fast.pareto.calibration import (
+    ExitChoice,
+    calibrate_thresholds,
+    choose_threshold,
+    exit_outcome,
+    exit_steps_taken,
+)
+from avgn_fast.pareto.planning import (
+    KS,
+    QUICK_THRESHOLDS,
+    THRESHOLDS,
+    Knobs,
+    default_glance_sizes,
+    default_patch_sizes,
+    method_name,
+    plan,
+)
+from avgn_fast.pareto.report import (
+    FILES,
+    ParetoPoint,
+    ParetoResult,
+    markdown_table,
+    pareto_frontier,
+    read_csv,
+    read_json,
+    write_all,
+    write_csv,
+    write_json,
+    write_markdown,
+    write_plot,
+)
+from avgn_fast.pareto.sweep import (
+    device_description,
+    exit_engine,
+    model_variant,
+    source_batches,
+    step_probs,
+    sweep,
+)
+
+__all__ = [
+    "FILES", "KS", "QUICK_THRESHOLDS", "THRESHOLDS", "ExitChoice", "Knobs", "ParetoPoint", "ParetoResult",
+    "calibrate_thresholds", "choose_threshold", "default_glance_sizes", "default_patch_sizes", "device_description",
+    "exit_engine", "exit_outcome", "exit_steps_taken", "markdown_table", "method_name", "model_variant",
+    "pareto_frontier", "plan", "read_csv", "read_json", "source_batches", "step_probs", "sweep", "write_all",
+    "write_csv", "write_json", "write_markdown", "write_plot",
+]
