@@ -13,6 +13,7 @@ Geometry. The display rotation stored in the file is applied, the shorter side i
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -133,6 +134,22 @@ class VideoProbe:
             nearest = [min(range(len(keys)), key=lambda k: (abs(keys[k] - t), k)) for t in times]
             return times, [bisect.bisect_left(self.pts, self.keyframes[k]) for k in nearest]
         return times, [max(bisect.bisect_right(seconds, t) - 1, 0) for t in times]
+
+
+@contextlib.contextmanager
+def decoding(path):
+    """Every exception inside becomes ``path``'s ``DecodeError`` (out of memory and permission errors
+    ``transient``): a failure inside FFmpeg, DALI or the conversion is that file's problem only."""
+    try:
+        yield
+    except DecodeError:
+        raise
+    except MemoryError as e:
+        raise DecodeError(path, "out of memory while decoding", transient=True) from e
+    except PermissionError as e:
+        raise DecodeError(path, f"permission denied ({e})", transient=True) from e
+    except Exception as e:
+        raise DecodeError(path, f"{type(e).__name__}: {e}") from e
 
 
 def check_file(path) -> None:

@@ -21,6 +21,10 @@ on smooth content, 1.1-1.4 on noisy content: YUV->RGB rounding, chroma upsamplin
 filters differ; single pixels at sharp colour edges can differ by tens of levels), log-mel within
 1e-3 maximum absolute difference (measured 3e-5: float32 FFT and summation order).
 
+Failures stay per file: a file that fails on the host (missing, over ``max_pixels``, over
+``MAX_FILE_BYTES`` — the pipeline is handed whole files in memory — or anything PyAV raises) is that
+file's ``DecodeError``, and a batch the pipeline rejects is run again one file at a time.
+
 Pipelines are cached per decode parameters, device, batch size and calling thread, so decode
 threads never share one. DALI and PyAV are imported on first use.
 """
@@ -46,9 +50,11 @@ from avgn_fast.data.common import (
     center_crop,
     check_file,
     check_pixels,
+    decoding,
     resized_shape,
 )
-from avgn_fast.data.pyav_backend import PacketReader, audio_segments, probe_video
+from avgn_fast.data.pyav_audio import read_audio
+from avgn_fast.data.pyav_streams import PacketReader, probe_video
 
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder handles
 MAX_FILE_BYTES = 2 << 30  # the reader hands DALI whole files in memory: larger ones are refused
@@ -103,38 +109,21 @@ def _prepare(path, params: DecodeParams, device_id: int | None) -> _Prepared:
         raise DecodeError(path, f"{size:,} bytes is over the DALI reader's limit of {MAX_FILE_BYTES:,} bytes (it "
                                 "reads whole files into memory); use the pyav backend")
     stats = DecodeStats()
-    try:
-        with av.open(str(path), metadata_errors="ignore") as container:
-            probe = probe_video(container, path)
-            stream = container.streams.best("video")
-            check_pixels(path, stream.codec_context.width, stream.codec_context.height, params.max_pixels)
-            if device_id is None and probe.codec not in CPU_CODECS:
-                raise DecodeError(path, f"DALI's CPU decoder does not handle {probe.codec} (only "
-                                        f"{', '.join(CPU_CODECS)}); use the pyav backend or a GPU")
-            reader = PacketReader(container, None, stats)
-            key = (probe.keyframes or probe.pts)[0]
-            first = next(reader.frames(stream, key, probe.key_dts[0] if probe.key_dts else None), None)
-            if first is None:  # decoded for the display rotation
-                raise DecodeError(path, "no video frame could be decoded")
-            times, indices = probe.sample(params.num_frames, params.keyframes_only)
-            audio = container.streams.best("audio")
-            segments = None
-            if audio is not None:
-                try:
-                    segments = audio_segments(reader, audio, times, params, stats)
-                except MemoryError:
-                    raise
-                except Exception as e:  # a broken audio stream costs the audio, not the video
-                    stats.notes.append(f"audio dropped: {type(e).__name__}: {e}")
-            encoded = np.fromfile(path, dtype=np.uint8)
-    except DecodeError:
-        raise
-    except MemoryError as e:
-        raise DecodeError(path, "out of memory while decoding", transient=True) from e
-    except PermissionError as e:
-        raise DecodeError(path, f"permission denied ({e})", transient=True) from e
-    except Exception as e:  # any failure inside PyAV/FFmpeg is this file's problem, not the caller's
-        raise DecodeError(path, f"{type(e).__name__}: {e}") from e
+    with decoding(path), av.open(str(path), metadata_errors="ignore") as container:
+        probe = probe_video(container, path)
+        stream = container.streams.best("video")
+        check_pixels(path, stream.codec_context.width, stream.codec_context.height, params.max_pixels)
+        if device_id is None and probe.codec not in CPU_CODECS:
+            raise DecodeError(path, f"DALI's CPU decoder does not handle {probe.codec} (only "
+                                    f"{', '.join(CPU_CODECS)}); use the pyav backend or a GPU")
+        reader = PacketReader(container, None, stats)
+        key = (probe.keyframes or probe.pts)[0]
+        first = next(reader.frames(stream, key, probe.key_dts[0] if probe.key_dts else None), None)
+        if first is None:  # decoded for the display rotation
+            raise DecodeError(path, "no video frame could be decoded")
+        times, indices = probe.sample(params.num_frames, params.keyframes_only)
+        segments = read_audio(container, reader, times, params, stats)
+        encoded = np.fromfile(path, dtype=np.uint8)
     turns = round((first.rotation or 0) / 90) % 4
     stored = (first.height, first.width)
     displayed = stored[::-1] if turns % 2 else stored

@@ -1,0 +1,146 @@
+"""Reading one stream of an open PyAV container: demux, the video probe, packets and frames from a timestamp.
+
+A ``PacketReader`` serves packets either from lists demuxed once into memory (small files) or by
+seeking the container. Demuxers seek on presentation (mp4, mkv) or decode (MPEG-TS) timestamps, so
+a seek that lands past its target or on a non-keyframe is done again on the keyframe's decode
+timestamp; a seek the container refuses (AVI below 0) is done again from the stream's start.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from avgn_fast.data.common import DecodeError, DecodeStats, VideoProbe
+
+_DEFAULT_FRAME_S = 0.04  # duration of a lone frame whose container gives none
+
+
+def demux_all(container, streams) -> dict[int, list]:
+    """Every packet of ``streams`` in file order, by stream index; a corrupt tail ends the lists early."""
+    import av
+
+    out = {s.index: [] for s in streams}
+    packets = container.demux(streams)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.FFmpegError:  # truncated or corrupt tail: keep what demuxed before it
+            break
+        out[packet.stream.index].append(packet)
+    return out
+
+
+def probe_video(container, path, packets: list | None = None) -> VideoProbe:
+    """Timestamps and keyframes of the best video stream: from ``packets`` when given, else by demuxing it."""
+    stream = container.streams.best("video")
+    if stream is None:
+        raise DecodeError(path, "no video stream")
+    if packets is None:
+        packets = demux_all(container, [stream])[stream.index]
+    stamps, keys = set(), {}
+    last = 0  # duration of the last packet in decode order: the last sample's duration in mp4/mkv/webm/avi
+    for packet in packets:
+        ts = timestamp(packet)
+        if ts is None:
+            continue
+        stamps.add(ts)
+        last = packet.duration or 0
+        if packet.is_keyframe:
+            keys.setdefault(ts, packet.dts if packet.dts is not None else ts)
+    if not stamps or stream.time_base is None:
+        raise DecodeError(path, "video stream has no frames")
+    pts = sorted(stamps)
+    tb = stream.time_base
+    if last <= 0:
+        last = pts[-1] - pts[-2] if len(pts) > 1 else max(round(_DEFAULT_FRAME_S / tb), 1)
+    end = pts[-1] + last
+    rate = float(stream.average_rate) if stream.average_rate else len(pts) / float((end - pts[0]) * tb)
+    keyframes = sorted(keys)
+    return VideoProbe(codec=stream.codec_context.name, pts=pts, keyframes=keyframes,
+                      key_dts=[keys[k] for k in keyframes], time_base=tb, end=end, fps=rate,
+                      has_audio=container.streams.best("audio") is not None)
+
+
+class PacketReader:
+    """Packets of a stream from a timestamp on: from the in-memory lists when the file was read whole,
+    else by seeking the container."""
+
+    def __init__(self, container, packets: dict[int, list] | None, stats: DecodeStats):
+        self.container, self.packets, self.stats = container, packets, stats
+
+    def packets_from(self, stream, ts: int, dts: int | None = None):
+        """The stream's packets from the last keyframe at or before presentation time ``ts`` (the first if none).
+
+        Seeking: demuxers seek on presentation (mp4, mkv) or decode (MPEG-TS) timestamps, so a seek
+        that lands past ``ts`` or on a non-keyframe is done again with the keyframe's ``dts``; a seek
+        the container refuses (AVI below 0) is done again from the stream's start.
+        """
+        stream.codec_context.flush_buffers()
+        if self.packets is not None:
+            packets = self.packets[stream.index]
+            starts = [i for i, p in enumerate(packets) if p.is_keyframe and (timestamp(p) or 0) <= ts
+                      and timestamp(p) is not None]
+            return iter(packets[starts[-1] if starts else 0:])
+        self._seek(stream, ts)
+        packets = self.container.demux(stream)
+        first = _next_packet(packets)
+        landed = None if first is None else timestamp(first)
+        overshot = first is not None and (not first.is_keyframe or (landed is not None and landed > ts))
+        if overshot and dts is not None and dts != ts:
+            self._seek(stream, dts)
+            packets = self.container.demux(stream)
+            first = _next_packet(packets)
+        return iter(()) if first is None else itertools.chain([first], packets)
+
+    def _seek(self, stream, ts: int) -> None:
+        import av
+
+        self.stats.seeks += 1
+        start = stream.start_time if stream.start_time is not None else 0
+        for target in dict.fromkeys((ts, max(ts, start), max(ts, 0), 0)):
+            try:
+                self.container.seek(target, stream=stream, backward=True)
+                return
+            except av.FFmpegError as e:  # e.g. AVI refuses a seek below 0 with EPERM
+                error = e
+        raise error
+
+    def frames(self, stream, ts: int, dts: int | None = None):
+        """Decoded, timestamped frames of ``stream`` from the keyframe at or before ``ts`` on (``packets_from``);
+        packets the decoder rejects are skipped and the decoder is drained at the end of the stream."""
+        import av
+
+        packets = self.packets_from(stream, ts, dts)
+        codec = stream.codec_context
+        while True:
+            try:
+                packet = next(packets)
+            except (StopIteration, av.FFmpegError) as e:  # the end, or a corrupt tail: drain what is buffered
+                self.stats.packets_dropped += isinstance(e, av.FFmpegError)
+                packet = None
+            if packet is not None and packet.size == 0:  # the demuxer's end-of-stream marker
+                packet = None
+            try:
+                frames = codec.decode(packet)
+            except av.FFmpegError:
+                self.stats.packets_dropped += packet is not None
+                frames = []
+            yield from (frame for frame in frames if timestamp(frame) is not None)
+            if packet is None:
+                return
+
+
+def timestamp(item) -> int | None:
+    return item.pts if item.pts is not None else item.dts
+
+
+def _next_packet(packets):
+    """The next packet of a demux iterator, or None at its end or at a corrupt tail."""
+    import av
+
+    try:
+        return next(packets)
+    except (StopIteration, av.FFmpegError):
+        return None
