@@ -50,12 +50,17 @@ class AVGNConfig:
     local_width: int = 64  # ResNet base width (64 = torchvision)
     # classifier
     fusion_dim: int = 1024
-    exit_threshold: float | None = None  # tau; None = never exit early
+    # the checkpoint's early-exit threshold τ, set by ``avgn-fast calibrate``; None = never exit early. What a run
+    # uses is ``InferenceSettings.exit_threshold`` (by default this one)
+    exit_threshold: float | None = None
     # baselines
     audio: bool = True  # False: visual-only glance (AdaFocusV2-like)
     temporal: Literal["avtest", "uniform"] = "avtest"
     spatial: Literal["policy", "center", "random"] = "policy"
     dense: bool = False  # local encoder on all T full frames, no glance
+    # False: audio-only baseline, the audio encoder and the classifier on K uniformly spaced frames (no visual glance,
+    # no AV-TeST, no AESPA, no patches, no local encoder; ``temporal`` and ``spatial`` then have nothing to choose)
+    visual: bool = True
 
     def __post_init__(self):
         _check_types(self)
@@ -72,6 +77,8 @@ class AVGNConfig:
             raise ValueError(f"glance_token_stride must be 8, 16 or 32, got {self.glance_token_stride}")
         if self.local_arch not in ("resnet18", "resnet50"):
             raise ValueError(f"local_arch must be 'resnet18' or 'resnet50', got {self.local_arch!r}")
+        if not self.visual and (self.dense or not self.audio):
+            raise ValueError("visual=False (audio-only) needs audio=True and dense=False")
         if self.resize_shorter < self.frame_size:
             raise ValueError(f"resize_shorter={self.resize_shorter} is smaller than frame_size={self.frame_size}")
         # the attention layers split their width evenly across heads
@@ -84,6 +91,11 @@ class AVGNConfig:
         if name not in CONFIGS:
             raise ValueError(f"unknown config {name!r}; known: {', '.join(sorted(CONFIGS))}")
         return dataclasses.replace(CONFIGS[name], **overrides)
+
+    @property
+    def steps(self) -> int:
+        """Steps of the step classifier (exit heads): K, or all T frames for the dense baseline."""
+        return self.num_frames if self.dense else self.k
 
     def replace(self, **changes) -> AVGNConfig:
         return dataclasses.replace(self, **changes)
@@ -115,6 +127,66 @@ class AVGNConfig:
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
         return cls(**d)
+
+
+FROM_CHECKPOINT = "checkpoint"  # ``InferenceSettings.exit_threshold``: the checkpoint's calibrated τ
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a trained model runs, apart from its architecture (``AVGNConfig``).
+
+    k: steps, the frames looked at closely, at most the model's (``AVGNConfig.steps``); None: all of them.
+    exit_threshold: the early-exit confidence τ in [0, 1]: a video stops after the first step whose top
+        probability reaches it. None: never exit early, every video takes k steps. ``FROM_CHECKPOINT``
+        (the default): the checkpoint's τ (``AVGNConfig.exit_threshold``, None until ``avgn-fast calibrate``).
+    """
+
+    k: int | None = None
+    exit_threshold: float | None | Literal["checkpoint"] = FROM_CHECKPOINT
+
+    def __post_init__(self):
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise ValueError(f"k must be None or an int ≥ 1, got {self.k!r}")
+        tau = self.exit_threshold
+        if tau is not None and tau != FROM_CHECKPOINT and (
+                isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
+            raise ValueError(f"exit_threshold must be None (never exit early), {FROM_CHECKPOINT!r} or a probability "
+                             f"in [0, 1], got {tau!r}")
+
+    def steps(self, config: AVGNConfig) -> int:
+        """The k to run a model of ``config`` with; ValueError when it has fewer steps."""
+        if self.k is None:
+            return config.steps
+        if self.k > config.steps:
+            raise ValueError(f"k must be in [1, {config.steps}] for this model, got {self.k}")
+        return self.k
+
+    def threshold(self, config: AVGNConfig) -> float | None:
+        """The τ to run a model of ``config`` with; None: never exit early."""
+        return exit_threshold_of(config, self.exit_threshold)
+
+
+def exit_threshold_of(config: AVGNConfig, exit_threshold: float | None | str) -> float | None:
+    """``exit_threshold`` with ``FROM_CHECKPOINT`` replaced by ``config``'s τ (None: never exit early)."""
+    return config.exit_threshold if exit_threshold == FROM_CHECKPOINT else exit_threshold
+
+
+def parse_exit_threshold(text: str, name: str = "exit_threshold") -> float | None | str:
+    """A command line's exit threshold: a probability in [0, 1], ``never`` (None) or ``checkpoint``
+    (``FROM_CHECKPOINT``); ValueError naming the option ``name`` otherwise."""
+    word = text.strip().lower()
+    if word in ("never", "none"):
+        return None
+    if word == FROM_CHECKPOINT:
+        return FROM_CHECKPOINT
+    try:
+        value = float(word)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], 'never' or 'checkpoint', got {text!r}")
+    return value
 
 
 # sizes, counts and widths that must be at least 1 (``avtest_layers`` may be 0: frames scored without attention)

@@ -1,4 +1,7 @@
-"""GMACs per component and per video, counted with fvcore.
+"""GMACs per component and per video, counted with fvcore on the instantiated model's components.
+
+The one source of every cost figure: ``AVGN.cost()`` (what ``predict``, ``eval`` and the engine
+report per video), ``avgn-fast flops`` and the Pareto sweep all sum ``component_table(model)``.
 
 "GFLOPs" in the AdaFocus / FrameExit / AVGN literature are multiply-accumulates of conv, linear,
 matmul and attention; BN, activations, pooling, sampling and elementwise ops are free. fvcore's
@@ -10,15 +13,11 @@ multiply-accumulate work but have no handle, custom ops included, raise a warnin
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 
 import torch
 from torch import nn
-
-from avgn_fast.config import AVGNConfig
-from avgn_fast.models.backbones import mobilenet_v2, resnet18, resnet50
 
 with warnings.catch_warnings():
     # fvcore.nn scripts its loss functions on import, which recent torch reports as deprecated
@@ -34,7 +33,7 @@ with warnings.catch_warnings():
         matmul_flop_jit,
     )
 
-__all__ = ["COMPONENTS", "OP_HANDLES", "Component", "ComponentFlops", "component_table", "count_gmacs", "total_gmacs"]
+__all__ = ["OP_HANDLES", "ComponentFlops", "component_table", "count_gmacs", "video_and_step_gmacs"]
 
 
 def _attention_macs(inputs, outputs) -> int:
@@ -100,14 +99,15 @@ def count_gmacs(module: nn.Module, *inputs: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class ComponentFlops:
-    """GMACs of one component for one unit (``per``), run ``count`` times per video."""
+    """GMACs of one run of a component (one ``per``), run ``count`` times per video, or per step taken when
+    ``per_step``."""
 
     name: str
     gmacs: float
     per: str
     count: int
+    per_step: bool = False
     input_shapes: tuple[tuple[int, ...], ...] = ()
-    in_total: bool = True  # False: a reference row (e.g. the dense baseline), not part of the model
 
     def __post_init__(self):
         if self.gmacs < 0 or self.count < 0:
@@ -115,78 +115,20 @@ class ComponentFlops:
         if not self.per:
             raise ValueError(f"{self.name}: per must name a unit (video, frame, patch, ...)")
 
-    @property
-    def per_video(self) -> float:
-        return self.gmacs * self.count
+    def per_video(self, steps: int) -> float:
+        """GMACs this component spends on a video that takes ``steps`` steps."""
+        return self.gmacs * self.count * (steps if self.per_step else 1)
 
 
-@dataclass(frozen=True)
-class Component:
-    """How to count one row: build the module and a batch-1 input for a config; ``count`` runs per video.
-
-    A ``count`` of 0 leaves the row out (the component is not part of that configuration).
-    """
-
-    name: str
-    per: str
-    build: Callable[[AVGNConfig], nn.Module]
-    inputs: Callable[[AVGNConfig], tuple[torch.Tensor, ...]]
-    count: Callable[[AVGNConfig], int]
-    in_total: Callable[[AVGNConfig], bool] = lambda config: True
+def component_table(model: nn.Module) -> list[ComponentFlops]:
+    """One row per component of the instantiated ``model`` (``model.components()``: name, module, batch-1
+    example inputs, unit, runs per video or per step), each counted with ``count_gmacs``."""
+    return [ComponentFlops(name=c.name, gmacs=count_gmacs(c.module, *c.inputs), per=c.per, count=c.count,
+                           per_step=c.per_step, input_shapes=tuple(tuple(t.shape[1:]) for t in c.inputs))
+            for c in model.components()]
 
 
-def _local_encoder(config: AVGNConfig) -> nn.Module:
-    factory = {"resnet18": resnet18, "resnet50": resnet50}[config.local_arch]
-    return factory(width=config.local_width, num_classes=0)
-
-
-def _image(size: int) -> tuple[torch.Tensor]:
-    return (torch.randn(1, 3, size, size),)
-
-
-def _mel(config: AVGNConfig) -> tuple[torch.Tensor]:
-    n_steps = round(config.audio_window_s * 1000 / config.hop_ms)
-    return (torch.randn(1, 1, config.n_mels, n_steps),)
-
-
-COMPONENTS: list[Component] = [
-    Component("visual glance encoder", "frame",
-              lambda c: mobilenet_v2(width_mult=c.glance_width, num_classes=0),
-              lambda c: _image(c.glance_size),
-              lambda c: 0 if c.dense else c.num_frames),
-    Component("audio encoder", "frame",
-              lambda c: mobilenet_v2(width_mult=c.audio_width, in_channels=1, num_classes=0),
-              _mel,
-              lambda c: c.num_frames if c.audio and not c.dense else 0),
-    Component("local encoder", "patch", _local_encoder, lambda c: _image(c.patch_size),
-              lambda c: 0 if c.dense else c.k),
-    Component("dense baseline (local encoder, full frame)", "frame", _local_encoder,
-              lambda c: _image(c.frame_size), lambda c: c.num_frames, in_total=lambda c: c.dense),
-]
-
-
-def component_table(config: AVGNConfig, components: list[Component] | None = None) -> list[ComponentFlops]:
-    """One row per component used by ``config`` (default: ``COMPONENTS``), batch 1, fixed-seed inputs."""
-    rows = []
-    for component in COMPONENTS if components is None else components:
-        count = component.count(config)
-        if count == 0:
-            continue
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            module = component.build(config)
-            inputs = component.inputs(config)
-        rows.append(ComponentFlops(
-            name=component.name,
-            gmacs=count_gmacs(module, *inputs),
-            per=component.per,
-            count=count,
-            input_shapes=tuple(tuple(t.shape[1:]) for t in inputs),
-            in_total=component.in_total(config),
-        ))
-    return rows
-
-
-def total_gmacs(rows: list[ComponentFlops]) -> float:
-    """GMACs per video of the rows that belong to the model, every exit step taken."""
-    return sum(row.per_video for row in rows if row.in_total)
+def video_and_step_gmacs(rows: list[ComponentFlops]) -> tuple[float, float]:
+    """(GMACs spent once per video, GMACs spent per step taken) of a component table."""
+    return (sum((row.gmacs * row.count for row in rows if not row.per_step), 0.0),
+            sum((row.gmacs * row.count for row in rows if row.per_step), 0.0))

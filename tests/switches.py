@@ -11,4 +11,5 @@ SWITCHES = {
     "random": {"spatial": "random"},
     "dense": {"dense": True},
     "dense_visual": {"dense": True, "audio": False},
+    "audio_only": {"visual": False},
 }

@@ -17,9 +17,11 @@ from avgn_fast.pareto import choose_threshold
 pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
 
 
-def brute_force(probs, labels, per_video, per_step, max_drop):
+def brute_force(probs, labels, per_video, per_step, max_drop, margin=0.0):
     """Every distinct confidence of the steps that can exit as a threshold, exits found by walking each video's
-    steps: (threshold, top1, mean steps) of the rule choose_threshold documents."""
+    steps: (threshold, top1, mean steps) of the rule choose_threshold documents. A threshold qualifies when the
+    top-1 holds at every point of its band that can exit differently: each confidence, each midpoint between
+    neighbouring confidences, and the band's ends."""
     n, k, _ = probs.shape
     conf = probs.amax(-1)
 
@@ -32,10 +34,15 @@ def brute_force(probs, labels, per_video, per_step, max_drop):
         return correct / n, steps / n
 
     full_top1, _ = outcome(None)
+    values = sorted({float(c) for c in conf.flatten()})
+    probes = values + [(a + b) / 2 for a, b in zip(values, values[1:])]
     best = (None, full_top1, float(k))
     for tau in sorted({float(c) for c in conf[:, :-1].flatten()}):
         top1, steps = outcome(tau)
-        if top1 >= full_top1 - max_drop - 1e-12 and (steps, -top1, -tau) < (best[2], -best[1], -(best[0] or 1.0)):
+        band = [t for t in probes + [tau - margin, tau + margin] if tau - margin <= t <= tau + margin]
+        if any(outcome(t)[0] < full_top1 - max_drop - 1e-12 for t in band):
+            continue
+        if (steps, -top1, -tau) < (best[2], -best[1], -(best[0] or 1.0)):
             best = (tau, top1, steps)
     return best
 
@@ -56,6 +63,41 @@ def test_choice_matches_brute_force(seed, max_drop):
     assert choice.top1 >= choice.full_top1 - max_drop - 1e-12
     if max_drop == 1.0:  # anything goes: every video leaves after its first step
         assert choice.steps == 1.0
+
+
+@pytest.mark.parametrize("seed, max_drop, margin", [(4, 0.0, 0.05), (5, 0.02, 0.1), (6, 0.04, 0.2), (7, 0.0, 1.0)])
+def test_choice_with_a_margin_matches_brute_force(seed, max_drop, margin):
+    g = torch.Generator().manual_seed(seed)
+    n, k, c = 30, 3, 4
+    labels = torch.randint(0, c, (n,), generator=g)
+    logits = torch.randn(n, k, c, generator=g) * 2
+    logits[torch.arange(n), :, labels] += torch.linspace(0, 3, k)
+    probs = logits.softmax(-1)
+    choice = choose_threshold(probs, labels, per_video=0.3, per_step=0.1, max_drop=max_drop, margin=margin)
+    tau, top1, steps = brute_force(probs, labels, 0.3, 0.1, max_drop, margin)
+    assert choice.threshold == pytest.approx(tau) if tau is not None else choice.threshold is None
+    assert (choice.top1, choice.steps) == pytest.approx((top1, steps))
+    plain = choose_threshold(probs, labels, per_video=0.3, per_step=0.1, max_drop=max_drop)
+    assert choice.steps >= plain.steps  # a margin can only cost steps
+
+
+def test_margin_skips_a_threshold_at_the_edge_of_its_safe_range():
+    # 4 videos, 2 steps, class 0 true. Step 1 confidences 0.95 (right), 0.9 (wrong), 0.85 (right), 0.5 (wrong);
+    # step 2 is right for all but the third. Top-1 holds (3 of 4) for τ in (0.9, 0.95] and in (0.5, 0.85].
+    labels = torch.zeros(4, dtype=torch.int64)
+    probs = torch.zeros(4, 2, 2)
+    probs[:, 0, 0] = torch.tensor([0.95, 0.1, 0.85, 0.5])  # video 4: a tie, which argmax gives to class 0 ...
+    probs[3, 0] = torch.tensor([0.4, 0.5])  # ... so make it plainly wrong: class 1 at 0.5
+    probs[:3, 0, 1] = 1 - probs[:3, 0, 0]
+    probs[:, 1] = torch.tensor([[0.8, 0.2], [0.8, 0.2], [0.3, 0.7], [0.8, 0.2]])
+    assert probs[:, 0].amax(-1).tolist() == pytest.approx([0.95, 0.9, 0.85, 0.5])
+
+    def choose(margin):
+        return choose_threshold(probs, labels, per_video=0.0, per_step=1.0, margin=margin).threshold
+
+    assert choose(0.0) == pytest.approx(0.85)  # three exits, top-1 held, but 0.86 would lose a video
+    assert choose(0.01) == pytest.approx(0.95)  # one exit, safe from 0.94 up
+    assert choose(0.06) is None  # 0.95 - 0.06 reaches 0.9's loss
 
 
 def test_no_threshold_when_every_early_exit_costs_accuracy():
@@ -98,3 +140,62 @@ def test_calibrate_cli_writes_a_checkpoint_that_exits_early(tmp_path, capsys):
 
     assert cli_main(["calibrate", "--checkpoint", str(ckpt), "--data", str(data), "--max-drop", "-1"]) == 2
     assert "--max-drop" in capsys.readouterr().err
+
+    # --check-split: what τ does on the test videos, as eval measures it there with and without early exit
+    assert cli_main(["calibrate", "--checkpoint", str(ckpt), "--data", str(data), "--max-drop", "100",
+                     "--check-split", "test", "--device", "cpu"]) == 0
+    check = avgn_fast.load(tuned).metrics["calibration"]["check"]
+    assert f"on [test], {check['videos']} videos" in capsys.readouterr().out
+    top1 = {}
+    for tau in ("checkpoint", "never"):
+        assert cli_main(["eval", "--checkpoint", str(tuned), "--data", str(data), "--split", "test", "--json",
+                         "--exit-threshold", tau, "--device", "cpu"]) == 0
+        top1[tau] = json.loads(capsys.readouterr().out)["top1"]
+    assert (check["top1"], check["full_top1"]) == pytest.approx((top1["checkpoint"], top1["never"]))
+    assert check["gained"] - check["lost"] == round((check["top1"] - check["full_top1"]) * check["videos"])
+    assert cli_main(["calibrate", "--checkpoint", str(ckpt), "--data", str(data), "--margin", "2"]) == 2
+    assert "--margin" in capsys.readouterr().err
+
+
+def test_eval_cli_gives_the_engines_numbers(tmp_path, capsys):
+    # eval runs the engine predict runs: its numbers are the engine's on the same decoded clips
+    from avgn_fast.data.folder import FolderDataset
+    from avgn_fast.engine.early_exit import GlanceEngine
+    from avgn_fast.training.trainer import mean_average_precision
+
+    config = AVGNConfig.from_name("tiny", num_frames=8, k=3)
+    data = write_dataset(tmp_path / "data", 8, seed=5, config=config, splits=(0.0, 0.0, 1.0))
+    torch.manual_seed(1)
+    model = AVGN(config.replace(num_classes=8)).eval()
+    with torch.no_grad():
+        for head in model.classifier.heads:  # confident enough for some videos to exit early
+            head.weight.normal_(0, 2.0)
+    ckpt = save_checkpoint(tmp_path / "run" / "best.pt", model, class_names=list(CLASS_NAMES))
+    cache = tmp_path / "run" / "cache"  # eval's default cache: the checkpoint's folder
+    dataset = FolderDataset(data, config, split="test", cache_dir=cache)
+    clips = [dataset[i] for i in range(len(dataset))]
+    frames = torch.stack([clip.frames for clip, _ in clips])
+    mel = torch.stack([clip.mel for clip, _ in clips])
+    present = torch.tensor([clip.audio_present for clip, _ in clips])
+    labels = torch.tensor([label for _, label in clips])
+    engine = GlanceEngine(model, device="cpu", precision="fp32", k=2)
+    first = engine(frames, mel, present, exit_threshold=None).probs[:, 0].amax(-1)
+    tau = round(float(first.median()), 6)  # about half the videos leave after their first step
+
+    args = ["eval", "--checkpoint", str(ckpt), "--data", str(data), "--json", "--device", "cpu", "--backend", "eager",
+            "--precision", "fp32", "--k", "2", "--exit-threshold", str(tau), "--batch-size", "3"]
+    assert cli_main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["k"], result["exit_threshold"], result["backend"], result["precision"]) == (2, tau, "eager", "fp32")
+
+    outs = [engine(frames[i:i + 3], mel[i:i + 3], present[i:i + 3], exit_threshold=tau) for i in range(0, 8, 3)]
+    probs = torch.cat([o.final_logits.softmax(-1) for o in outs])
+    steps = torch.cat([o.exit_step for o in outs]) + 1
+    assert set(steps.tolist()) == {1, 2}, "some videos should exit early and some not"
+    assert result["videos"] == 8 and result["top1"] == float((probs.argmax(-1) == labels).float().mean())
+    assert result["mean_ap"] == pytest.approx(mean_average_precision(probs, labels))
+    cost = model.cost()
+    assert result["gflops"] == pytest.approx(float((cost.per_video + cost.per_step * steps.double()).mean()))
+
+    assert cli_main([*args[:-6], "--backend", "fastest"]) == 2
+    assert "backend must be one of" in capsys.readouterr().err

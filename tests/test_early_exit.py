@@ -28,6 +28,18 @@ def random_model(config, seed=0):
             model.aespa.policy[-1].bias.normal_(0, 0.5)
         for head in model.classifier.heads:
             head.weight.normal_(0, 0.5)
+    if model.visual is None and model.local is None:
+        # audio-only: at its initial BatchNorm statistics the random audio encoder's features vanish (~1e-9) and
+        # every video looks alike; the statistics of one batch of random clips make them differ
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.momentum = 1.0
+        _, mel, present = random_inputs(config, 8, seed=9)
+        with torch.no_grad():
+            model.train().encode_audio(mel, present)
+        for m in norms:
+            m.momentum = 0.1
+        model.eval()
     return model
 
 
@@ -140,3 +152,19 @@ def test_bf16_engine_matches_glance_under_autocast():
     torch.testing.assert_close(got.final_logits, ref.final_logits.float(), **tol(torch.bfloat16))
     fp32 = GlanceEngine(model, device="cpu", precision="fp32")(frames, mel, present)
     assert not torch.equal(got.final_logits, fp32.final_logits), "bf16 must actually run in bf16"
+
+
+@pytest.mark.parametrize("name", ["avgn", "dense"])
+def test_never_exit_early_takes_every_step_even_with_a_calibrated_threshold(name):
+    # a checkpoint calibrated to τ = 0 exits every video after its first step, unless told never to exit
+    config = TINY.replace(**SWITCHES[name], exit_threshold=0.0)
+    model = random_model(config)
+    frames, mel, present = inputs(config, seed=6)
+    engine = GlanceEngine(model, device="cpu")
+    k = model.steps
+    never = engine(frames, mel, present, exit_threshold=None)
+    assert never.exit_step.tolist() == [k - 1] * BATCH and not never.logits.isnan().any()
+    assert engine(frames, mel, present).exit_step.tolist() == [0] * BATCH  # the checkpoint's τ
+    assert model.glance(frames, mel, audio_present=present, exit_threshold=None).exit_step.tolist() == [k - 1] * BATCH
+    with pytest.raises(ValueError, match="exit_threshold must be None"):
+        model.glance(frames, mel, exit_threshold=1.5)

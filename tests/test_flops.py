@@ -1,4 +1,5 @@
-"""FLOPs counting: the literature's test vectors, what is (not) counted, the per-video table, the CLI."""
+"""FLOPs counting: the literature's test vectors, what is (not) counted, the model's component table, and the
+one cost: ``avgn-fast flops`` total == ``AVGN.cost()`` == the GFLOPs the engine reports, every switch."""
 
 import json
 import math
@@ -7,15 +8,23 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from switches import SWITCHES, TINY
 from torch import nn
 
 from avgn_fast import cli, flops
 from avgn_fast.commands import flops as flops_command
 from avgn_fast.config import AVGNConfig
-from avgn_fast.flops import COMPONENTS, Component, component_table, count_gmacs, total_gmacs
+from avgn_fast.engine.early_exit import GlanceEngine
+from avgn_fast.engine.stages import random_inputs
+from avgn_fast.flops import component_table, count_gmacs
+from avgn_fast.models.avgn import AVGN
 from avgn_fast.models.backbones import mobilenet_v2, resnet18, resnet50
 
 SIG3 = 5e-4  # "to 3 significant digits"
+COMPONENTS = ["visual glance encoder", "audio encoder", "AV-TeST", "AESPA + policy", "local encoder",
+              "classifier (fusion + exit head)"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
 
 
 @pytest.fixture(scope="module")
@@ -156,76 +165,138 @@ def _by_name(rows):
     return {r.name: r for r in rows}
 
 
-def test_component_table_tiny():
+def _model(config, seed=0):
+    torch.manual_seed(seed)
+    return AVGN(config).eval()
+
+
+def test_component_table_of_the_tiny_model():
     # pinned values, so retuning the tiny preset does not change what this test checks
-    config = AVGNConfig.from_name("tiny").replace(n_mels=32, audio_window_s=1.0, hop_ms=10.0, glance_width=0.25,
-                                                 audio_width=0.25, glance_size=32, patch_size=32, k=4,
-                                                 local_arch="resnet18", local_width=16)
-    rows = _by_name(component_table(config))
-    assert list(rows) == ["visual glance encoder", "audio encoder", "local encoder",
-                          "dense baseline (local encoder, full frame)"]
-    n_steps = 100  # 1.0 s window / 10 ms hop
-    expected = {
-        "visual glance encoder": (mobilenet_v2(width_mult=0.25), (1, 3, 32, 32), "frame", 16),
-        "audio encoder": (mobilenet_v2(width_mult=0.25, in_channels=1), (1, 1, 32, n_steps), "frame", 16),
-        "local encoder": (resnet18(width=16), (1, 3, 32, 32), "patch", 4),
-        "dense baseline (local encoder, full frame)": (resnet18(width=16), (1, 3, 96, 96), "frame", 16),
+    config = TINY.replace(n_mels=32, audio_window_s=1.0, hop_ms=10.0, glance_width=0.25, audio_width=0.25,
+                          glance_size=32, patch_size=32, k=4, local_arch="resnet18", local_width=16)
+    model = _model(config)
+    rows = _by_name(component_table(model))
+    assert list(rows) == COMPONENTS
+    n_steps = model.mel_steps
+    assert n_steps in (100, 101)  # 1.0 s window / 10 ms hop
+    expected = {  # the encoders, built here on their own
+        "visual glance encoder": (mobilenet_v2(width_mult=0.25), (1, 3, 32, 32), "frame", 16, False),
+        "audio encoder": (mobilenet_v2(width_mult=0.25, in_channels=1), (1, 1, 32, n_steps), "frame", 16, False),
+        "local encoder": (resnet18(width=16), (1, 3, 32, 32), "patch", 1, True),
     }
-    for name, (module, shape, per, count) in expected.items():
+    for name, (module, shape, per, count, per_step) in expected.items():
         row = rows[name]
-        assert (row.per, row.count, row.input_shapes) == (per, count, (shape[1:],))
+        assert (row.per, row.count, row.per_step, row.input_shapes) == (per, count, per_step, (shape[1:],))
         assert row.gmacs == count_gmacs(module, torch.randn(shape))
-        assert row.per_video == row.gmacs * count
-    assert not rows["dense baseline (local encoder, full frame)"].in_total
-    assert total_gmacs(list(rows.values())) == pytest.approx(
-        16 * rows["visual glance encoder"].gmacs + 16 * rows["audio encoder"].gmacs + 4 * rows["local encoder"].gmacs)
+    assert (rows["AV-TeST"].per_step, rows["AESPA + policy"].per_step) == (False, True)
+    fused, hidden = model.classifier.fuse[0].in_features, config.fusion_dim
+    assert round(rows["classifier (fusion + exit head)"].gmacs * 1e9) == (fused * hidden + hidden * hidden
+                                                                           + hidden * config.num_classes)
+    cost = model.cost()
+    assert cost.per_video == pytest.approx(sum(rows[n].gmacs * rows[n].count for n in
+                                               ("visual glance encoder", "audio encoder", "AV-TeST")))
+    assert cost.per_step == pytest.approx(sum(rows[n].gmacs for n in
+                                              ("AESPA + policy", "local encoder", "classifier (fusion + exit head)")))
+    for row in rows.values():
+        assert row.per_video(config.k) == row.gmacs * row.count * (config.k if row.per_step else 1)
 
 
-def test_component_table_follows_config_switches():
-    tiny = AVGNConfig.from_name("tiny")
-    silent = _by_name(component_table(tiny.replace(audio=False)))
-    assert "audio encoder" not in silent
-    dense = component_table(tiny.replace(dense=True))
-    assert [(r.name, r.in_total) for r in dense] == [("dense baseline (local encoder, full frame)", True)]
-    assert total_gmacs(dense) == dense[0].gmacs * tiny.num_frames
-    smaller = _by_name(component_table(tiny.replace(patch_size=16, k=2)))["local encoder"]
-    assert smaller.count == 2 and smaller.input_shapes == ((3, 16, 16),)
+@pytest.mark.parametrize("name, absent", [("visual_only", {"audio encoder"}), ("uniform", {"AV-TeST"}),
+                                          ("center", {"AESPA + policy"}), ("random", {"AESPA + policy"}),
+                                          ("dense", {"visual glance encoder", "AV-TeST", "AESPA + policy"}),
+                                          ("audio_only", {"visual glance encoder", "AV-TeST", "AESPA + policy",
+                                                          "local encoder"})])
+def test_component_table_follows_the_switches(name, absent):
+    config = TINY.replace(**SWITCHES[name])
+    rows = _by_name(component_table(_model(config)))
+    assert list(rows) == [name for name in COMPONENTS if name not in absent]
+    if config.dense:  # the local encoder on every full frame, one step per frame
+        s = config.frame_size
+        assert rows["local encoder"].input_shapes == ((3, s, s),)
+        assert rows["local encoder"].gmacs == count_gmacs(resnet18(width=config.local_width), torch.randn(1, 3, s, s))
 
 
-def test_component_table_takes_more_rows():
-    extra = Component("fusion head", "video", lambda c: nn.Linear(c.fusion_dim, c.num_classes),
-                      lambda c: (torch.randn(1, c.fusion_dim),), lambda c: 1)
-    config = AVGNConfig.from_name("tiny")
-    rows = component_table(config, [*COMPONENTS, extra])
-    assert rows[-1].name == "fusion head"
-    assert round(rows[-1].gmacs * 1e9) == config.fusion_dim * config.num_classes
-    assert total_gmacs(rows) == pytest.approx(total_gmacs(rows[:-1]) + rows[-1].gmacs)
+def _cli_json(capsys, config: str, overrides: list[str]) -> dict:
+    argv = ["flops", "--config", config, "--json"] + [a for o in overrides for a in ("--set", o)]
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _overrides(switch: dict) -> list[str]:
+    return [f"{key}={str(value).lower()}" for key, value in switch.items()]
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_flops_total_is_the_cost_and_the_engine_gflops_tiny(name, capsys):
+    config = TINY.replace(**SWITCHES[name])
+    model = _model(config)
+    report = _cli_json(capsys, "tiny", _overrides(SWITCHES[name]))
+    cost, k = model.cost(), model.steps
+    assert report["steps"] == k and (report["per_video"], report["per_step"]) == (cost.per_video, cost.per_step)
+    assert report["total_per_video"] == pytest.approx(cost.per_video + k * cost.per_step, rel=1e-12)
+    assert report["total_per_video"] == pytest.approx(sum(c["per_video"] for c in report["components"]), rel=1e-9)
+
+    frames, mel, present = random_inputs(config, 3, seed=1)
+    engine = GlanceEngine(model, device="cpu")
+    full = engine(frames, mel, present, exit_threshold=None)
+    torch.testing.assert_close(full.gflops, torch.full((3,), report["total_per_video"]))
+    early = engine(frames, mel, present, exit_threshold=0.0)  # every video out after its first step
+    torch.testing.assert_close(early.gflops, torch.full((3,), report["per_video"] + report["per_step"]))
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_flops_total_is_the_cost_paper(name, capsys):
+    config = AVGNConfig.from_name("paper", **SWITCHES[name])
+    model = _model(config)
+    report = _cli_json(capsys, "paper", _overrides(SWITCHES[name]))
+    cost = model.cost()
+    assert report["total_per_video"] == pytest.approx(cost.per_video + model.steps * cost.per_step, rel=1e-12)
+    rows = _by_name(model.flops_table())
+    # DESIGN.md's test vectors: MobileNetV2 at 224, ResNet-50 on a 128 patch (a 224 frame for dense)
+    if "visual glance encoder" in rows:
+        assert math.isclose(rows["visual glance encoder"].gmacs, 0.2995, rel_tol=SIG3)
+    if "local encoder" in rows:
+        assert math.isclose(rows["local encoder"].gmacs, 4.087 if config.dense else 1.3346, rel_tol=SIG3)
+    if name == "avgn":  # the engine reports the same on a paper-sized video
+        frames, mel, present = random_inputs(config, 1)
+        result = GlanceEngine(model, device="cpu")(frames, mel, present, exit_threshold=None)
+        assert float(result.gflops) == pytest.approx(report["total_per_video"], rel=1e-6)
 
 
 def test_flops_command_text(capsys):
     assert flops_command.main(config="tiny", set=["k=2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    rows = component_table(AVGNConfig.from_name("tiny").replace(k=2))
-    assert out[0].startswith("config 'tiny'")
+    model = _model(TINY.replace(k=2))
+    rows, cost = model.flops_table(), model.cost()
+    assert out[0].startswith("config 'tiny'") and out[0].endswith("2 steps")
     assert out[1].split() == ["component", "input", "GMACs", "per", "count", "GMACs/video"]
-    assert [line.split("  ")[0] for line in out[2:-1]] == [r.name for r in rows]
-    p = AVGNConfig.from_name("tiny").patch_size
-    assert out[4].split()[2:6] == [f"3x{p}x{p}", f"{rows[2].gmacs:.4f}", "patch", "2"]
-    assert out[5].endswith("(reference, not in total)")
-    assert out[-1].startswith("total per video") and out[-1].split()[-1] == f"{total_gmacs(rows):.3f}"
-    assert len({len(line) for line in out[1:5]}) == 1  # aligned columns
-
-
-def test_flops_command_json_through_cli(capsys):
-    assert cli.main(["flops", "--config", "tiny", "--set", "audio=false", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["config"] == "tiny" and report["overrides"] == ["audio=false"]
-    assert [c["name"] for c in report["components"]] == ["visual glance encoder", "local encoder",
-                                                         "dense baseline (local encoder, full frame)"]
-    counted = [c["per_video"] for c in report["components"] if c["in_total"]]
-    assert report["total_per_video"] == pytest.approx(sum(counted))
+    assert [line.split("  ")[0] for line in out[2:2 + len(rows)]] == [r.name for r in rows]
+    p = TINY.patch_size
+    local = out[2 + [r.name for r in rows].index("local encoder")]
+    assert local.split()[2:7] == [f"3x{p}x{p}", f"{rows[4].gmacs:.4f}", "patch", "1/step", f"{2 * rows[4].gmacs:.4f}"]
+    assert out[-3].startswith("once per video") and out[-3].split()[-1] == f"{cost.per_video:.4f}"
+    assert out[-2].startswith("per step taken") and out[-2].split()[-1] == f"{cost.per_step:.4f}"
+    assert out[-1].startswith("total per video (2 steps taken)") and out[-1].split()[-1] == f"{cost.total(2):.4f}"
+    assert len({len(line) for line in out[1:2 + len(rows)]}) == 1  # aligned columns
 
 
 def test_flops_command_bad_override(capsys):
     assert cli.main(["flops", "--config", "tiny", "--set", "no_such_field=1"]) == 2
     assert "no_such_field" in capsys.readouterr().err
+
+
+def test_audio_only_costs_its_audio_encoder_and_classifier(capsys):
+    """The audio-only baseline: the audio encoder on T frames once, then per step the fusion MLP over the
+    audio vector alone and one exit head, counted by hand; ``flops`` prints the same."""
+    config = TINY.replace(visual=False)
+    model = _model(config)
+    assert model.visual is None and model.local is None and model.avtest is None and model.aespa is None
+    mel = torch.randn(1, 1, config.n_mels, model.mel_steps)
+    audio, hidden = model.audio.out_channels, config.fusion_dim
+    per_step = (audio * hidden + hidden * hidden + hidden * config.num_classes) / 1e9
+    cost = model.cost()
+    encoder = mobilenet_v2(width_mult=config.audio_width, in_channels=1, num_classes=0)
+    assert cost.per_video == pytest.approx(config.num_frames * count_gmacs(encoder, mel), rel=1e-12)
+    assert cost.per_step == pytest.approx(per_step, rel=1e-12)
+    report = _cli_json(capsys, "tiny", ["visual=false"])
+    assert report["total_per_video"] == pytest.approx(cost.per_video + config.k * per_step, rel=1e-12)

@@ -9,14 +9,14 @@ from switches import SWITCHES, TINY
 from tolerances import tol
 
 import avgn_fast
-from avgn_fast.checkpoint import FORMAT, load_checkpoint
+from avgn_fast.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from avgn_fast.data.audio import frame_params
-from avgn_fast.flops import component_table
+from avgn_fast.flops import count_gmacs
 from avgn_fast.models import ops
 from avgn_fast.models.aespa import AESPA
 from avgn_fast.models.avgn import AVGN, GlanceResult
 from avgn_fast.models.avtest import AVTeST, top_k_frames, uniform_frames
-from avgn_fast.models.backbones import make_divisible
+from avgn_fast.models.backbones import make_divisible, mobilenet_v2, resnet18
 from avgn_fast.models.classifier import StepClassifier, exit_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
@@ -55,7 +55,8 @@ def test_glance_shapes_and_dtypes_for_every_switch(name):
     assert all(len(set(row.tolist())) == k for row in result.kept), "a frame was kept twice"
     assert result.boxes.shape == (b, k, 4)
     sizes = result.boxes[..., 2:] - result.boxes[..., :2]
-    torch.testing.assert_close(sizes, torch.full_like(sizes, s if config.dense else config.patch_size))
+    size = 0 if not config.visual else s if config.dense else config.patch_size  # audio-only: nothing cropped
+    torch.testing.assert_close(sizes, torch.full_like(sizes, size))
     assert (result.boxes[..., :2] >= 0).all() and (result.boxes[..., 2:] <= s).all()
     assert result.exit_step.tolist() == [k - 1] * b  # no threshold: every video takes every step
     torch.testing.assert_close(result.final_logits, result.logits[:, -1])
@@ -155,20 +156,25 @@ def _aespa_macs(config, audio_dim, visual_dim, mel_steps):
 
 
 @pytest.mark.parametrize("audio", [True, False])
-def test_cost_is_the_flops_table_plus_closed_form_parts(audio):
+def test_cost_is_the_backbones_plus_closed_form_parts(audio):
+    # independent of the model's component list: backbones built here, the rest in closed form
     config = TINY.replace(audio=audio)
-    assert config.glance_token_stride == 8
+    assert config.glance_token_stride == 8 and config.local_arch == "resnet18"
     model = build(config)
-    rows = {row.name: row for row in component_table(config)}
     cost = model.cost()
     visual_dim = make_divisible(1280 * max(1.0, config.glance_width))
     audio_dim = make_divisible(1280 * max(1.0, config.audio_width)) if audio else 0
-    glance = sum(rows[name].per_video for name in ("visual glance encoder", "audio encoder") if name in rows)
+    t, g, p = config.num_frames, config.glance_size, config.patch_size
+    glance = t * count_gmacs(mobilenet_v2(width_mult=config.glance_width), torch.randn(1, 3, g, g))
+    if audio:
+        audio_net = mobilenet_v2(width_mult=config.audio_width, in_channels=1)
+        glance += t * count_gmacs(audio_net, torch.randn(1, 1, config.n_mels, model.mel_steps))
     assert cost.per_video == pytest.approx(glance + _avtest_macs(config, audio_dim, visual_dim) / 1e9, rel=1e-6)
+    local = count_gmacs(resnet18(width=config.local_width), torch.randn(1, 3, p, p))
     fused, hidden = audio_dim + visual_dim + model.local.out_channels, config.fusion_dim
     step = (_aespa_macs(config, audio_dim, visual_dim, model.mel_steps) + fused * hidden + hidden * hidden
             + hidden * config.num_classes)
-    assert cost.per_step == pytest.approx(rows["local encoder"].gmacs + step / 1e9, rel=1e-6)
+    assert cost.per_step == pytest.approx(local + step / 1e9, rel=1e-6)
 
 
 def test_missing_audio_ignores_the_mel():
@@ -197,6 +203,8 @@ def test_patch_crop_follows_the_corner_convention():
         y, x = corners[b, j].tolist()
         torch.testing.assert_close(patches[i], norm[b, kept[b, j], :, y:y + p, x:x + p], **tol(torch.float32))
     torch.testing.assert_close(model.boxes(a)[0, 1], torch.tensor([s - p, s - p, s, s], dtype=torch.float32))
+    # the rows of a compacted batch: video 1 alone, as the early-exit engine crops it
+    assert torch.equal(model.crop(frames, kept[1:], a[1:], rows=torch.tensor([1])), patches[2:])
 
 
 def test_ops_use_the_references_on_cpu():
@@ -234,7 +242,7 @@ def test_checkpoint_round_trip_gives_equal_outputs(tmp_path):
     model = build(config, seed=3)
     frames, mel = make_inputs(config, b=2, seed=1)
     path = tmp_path / "model.pt"
-    model.save(path, class_names=["a", "b", "c"], metrics={"val_top1": 0.5})
+    save_checkpoint(path, model, class_names=["a", "b", "c"], metrics={"val_top1": 0.5})
     loaded = avgn_fast.load(path)
     assert loaded.config == config and loaded.class_names == ["a", "b", "c"]
     assert loaded.metrics == {"val_top1": 0.5}
@@ -246,7 +254,7 @@ def test_checkpoint_round_trip_gives_equal_outputs(tmp_path):
 def test_wrong_or_corrupt_checkpoints_raise_naming_the_file(tmp_path):
     model = build(TINY.replace(num_classes=2))
     good = tmp_path / "good.pt"
-    model.save(good, class_names=["x", "y"])
+    save_checkpoint(good, model, class_names=["x", "y"])
     cases = {}
     cases["garbage.pt"] = b"definitely not a checkpoint" * 10
     cases["truncated.pt"] = good.read_bytes()[: good.stat().st_size // 2]
@@ -266,4 +274,4 @@ def test_wrong_or_corrupt_checkpoints_raise_naming_the_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="class names"):
-        model.save(tmp_path / "bad.pt", class_names=["only one"])
+        save_checkpoint(tmp_path / "bad.pt", model, class_names=["only one"])

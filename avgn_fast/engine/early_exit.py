@@ -1,13 +1,18 @@
-"""The glance pipeline on a backend, with batched early exit: videos leave the batch once they are confident.
+"""The model's forward on a backend, with batched early exit: videos leave the batch once they are confident.
 
 ``GlanceEngine(model, backend="inductor", precision="fp16")(frames, mel)`` gives the same
-``GlanceResult`` as ``model.glance`` per video. Without an exit threshold every video takes every
-step, and the local encoder runs once on all B·K patches. With a threshold, frames are taken in
-saliency order one step at a time: after each step the videos whose top probability passes τ
-leave the batch, and the crop, local encoder and classifier run only on those still in. AV-TeST
-and AESPA run once on the whole batch before the steps (one small stage, static in shape), so
-every kept frame has its patch box, also after an exit. Logits and probabilities of the steps a
-video did not take are NaN; its GMACs count the steps it took (``model.cost()``).
+``GlanceResult`` as ``model.glance`` per video. The engine runs the model's own stages
+(``engine.stages``, each compiled on its backend) through the model's own forward; it adds only
+the batching (padding to static shapes), the compaction of exited videos and the exit rule.
+
+Without an exit threshold every video takes every step: the engine runs ``AVGN.forward``, whose
+local encoder sees all B·K patches at once. With a threshold it runs the per-video stages
+(``AVGN.look``: glance, AV-TeST, AESPA, once on the whole batch, so every kept frame has its patch
+box, also after an exit), then one step at a time: crop, local encoder and ``step_head`` on the
+videos still in; those whose top probability passes τ leave the batch. Logits and probabilities of
+the steps a video did not take are NaN; its GMACs count the steps it took (``model.cost()``).
+An exported folder (``engine.runtime.ExportedModel``) runs the same way: its stage files take the
+place of the compiled stages.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ import os
 
 import torch
 
+from avgn_fast.config import FROM_CHECKPOINT, InferenceSettings, exit_threshold_of
 from avgn_fast.engine.backends import StageRunner, bucket_sizes, resolve_backend, resolve_precision, state_hash
+from avgn_fast.engine.runtime import ExportedModel
 from avgn_fast.engine.stages import build_stages
-from avgn_fast.models import ops
-from avgn_fast.models.avgn import AVGN, GlanceFeatures, GlanceResult
+from avgn_fast.models.avgn import AVGN, STAGES, GlanceResult, RunStage
+from avgn_fast.models.classifier import confident
 
 log = logging.getLogger(__name__)
 
-# what the engine calls, in pipeline order; "crop" is the fused patch op, not a compiled stage
-STAGE_NAMES = ("glance", "avtest", "aespa", "crop", "local", "head")
+STAGE_NAMES = STAGES  # what the engine calls, in pipeline order
+EAGER_STAGES = ("crop",)  # a fused op, run as it is: its inputs are not batch-aligned, so never padded
 
 
 class Hook:
@@ -41,40 +48,46 @@ class GlanceEngine:
     """Runs ``model`` stage by stage on one backend at one precision; call it like ``model.glance``.
 
     Args:
-        model: an AVGN in eval mode (moved to ``device``).
+        model: an AVGN in eval mode (moved to ``device``), or an exported folder (``runtime.ExportedModel``,
+            ``avgn_fast.load(folder)``): its stages run as exported (``ExportedModel.settle``: backend eager,
+            the folder's precision and k), through the same forward and early exit.
         backend: eager | inductor | tensorrt | auto (see ``backends.resolve_backend``).
         precision: fp32 | fp16 | bf16 | auto (fp16 on CUDA, fp32 on CPU); stages run under autocast.
         device: where the model and the inputs live; defaults to the model's device.
         max_batch: the largest batch expected; compiled backends pad batches to one of
             ``bucket_sizes(max_batch)`` (and the local encoder to those times K), so each stage has
             at most a few static shapes. Larger batches run at their own size.
-        k: frames looked at closely (default: the model's K, or T for dense).
+        k: frames looked at closely (``InferenceSettings.k``; default: the model's K, or T for dense).
         cuda_graphs: CUDA graphs for inductor on CUDA (default: on there).
         cache_dir: where TensorRT engines are cached (default ``$AVGN_CACHE`` or ~/.cache/avgn_fast).
     """
 
-    def __init__(self, model: AVGN, *, backend: str = "eager", precision: str = "auto", device=None,
+    def __init__(self, model: AVGN | ExportedModel, *, backend: str = "eager", precision: str = "auto", device=None,
                  max_batch: int = 16, k: int | None = None, cuda_graphs: bool | None = None,
                  cache_dir: str | os.PathLike | None = None):
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        exported = isinstance(model, ExportedModel)
+        if device is None:
+            device = model.device if exported else next(model.parameters()).device
+        self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.backend, self.backend_reason = resolve_backend(backend, self.device)
-        self.dtype = resolve_precision(precision, self.device)
-        self.k = model.steps if k is None else k
-        if not 1 <= self.k <= model.steps:
-            raise ValueError(f"k must be in [1, {model.steps}] for this model, got {k}")
+        if exported:  # its stages run as they were exported, at their precision and k
+            self.backend, self.backend_reason, self.dtype, self.k = model.settle(backend, precision, self.device, k)
+        else:
+            self.backend, self.backend_reason = resolve_backend(backend, self.device)
+            self.dtype = resolve_precision(precision, self.device)
+            self.k = InferenceSettings(k=k).steps(model.config)
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         compiled = self.backend != "eager"
         cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         batch = bucket_sizes(max_batch) if compiled else ()
         model_hash = state_hash(model) if self.backend == "tensorrt" else ""
-        self.stages = build_stages(model, self.dtype, self.k)
+        self.stages = model.stages if exported else build_stages(model, self.dtype, self.k)
         self.runners = {
             name: StageRunner(stage, self.backend, cuda_graphs=cuda_graphs, cache_dir=cache_dir, model_hash=model_hash,
                               buckets=tuple(sorted(set(batch) | {b * self.k for b in batch})) if name == "local"
                               else batch)
-            for name, stage in self.stages.items()
+            for name, stage in self.stages.items() if name not in EAGER_STAGES
         }
         log.info("GlanceEngine: backend=%s (%s) precision=%s device=%s max_batch=%d k=%d stages=%s",
                  self.backend, self.backend_reason, str(self.dtype).removeprefix("torch."), self.device, max_batch,
@@ -82,96 +95,66 @@ class GlanceEngine:
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor, mel: torch.Tensor, audio_present: torch.Tensor | None = None, *,
-                 exit_threshold: float | None = None, hook: Hook | None = None) -> GlanceResult:
+                 exit_threshold: float | None | str = FROM_CHECKPOINT, hook: Hook | None = None) -> GlanceResult:
         """Classify a batch: frames uint8 (B, T, 3, S, S), mel (B, T, n_mels, n_steps), audio_present (B,) bool.
 
-        ``exit_threshold`` defaults to the config's; None there too means every video takes every step.
+        ``exit_threshold``: τ; None: never exit early (every video takes every step); ``FROM_CHECKPOINT``
+        (the default): the model's ``config.exit_threshold``.
         """
         model, hook = self.model, hook or Hook()
-        present = model.check_inputs(frames, mel, audio_present)
-        threshold = model.config.exit_threshold if exit_threshold is None else exit_threshold
-        b = frames.shape[0]
-
-        env = {"frames": frames, "mel": mel, "audio_present": present}
-        if "glance" in self.stages:
-            env.update(self._run("glance", env, hook))
-        feats = GlanceFeatures(env.get("tokens"), env.get("visual"), env.get("audio_tokens"), env.get("audio"),
-                               present)
-        if "avtest" in self.stages:
-            env.update(self._run("avtest", env, hook))
+        run = self.runner(hook)
+        threshold = exit_threshold_of(model.config, exit_threshold)
+        b, c = frames.shape[0], model.config.num_classes
+        if threshold is None or self.k == 1:
+            out = model(frames, mel, audio_present, k=self.k, run=run)
+            logits = out.logits.float()
+            exit_step = torch.full((b,), self.k - 1, dtype=torch.int64, device=frames.device)
+            final = logits[:, -1]
+            saliency, kept, boxes = out.saliency, out.kept, out.boxes
         else:
-            with hook.stage("avtest", ()):
-                env["saliency"] = model.saliency(feats)
-                env["kept"] = model.select(env["saliency"], self.k)
-        if "aespa" in self.stages:
-            env.update(self._run("aespa", env, hook))
-        else:  # a constant, or a random draw taken exactly as model.locate takes it
-            with hook.stage("aespa", ()):
-                env["a"] = model.locate(feats, env["kept"])
-        kept, a = env["kept"], env["a"]
-
-        steps = self.k
-        logits = torch.full((b, steps, model.config.num_classes), math.nan, device=frames.device)
-        final = torch.full((b, model.config.num_classes), math.nan, device=frames.device)
-        exit_step = torch.full((b,), steps - 1, dtype=torch.int64, device=frames.device)
-        if threshold is None or steps == 1:
-            local = self._local(frames, kept, a, torch.arange(b, device=frames.device), range(steps), hook)
-            features = model.step_features(feats, kept, local)
-            logits[:] = self._run("head", {"features": features}, hook)["logits"].float()
-            final[:] = logits[:, -1]
-        else:
-            self._step_by_step(frames, feats, kept, a, threshold, logits, final, exit_step, hook)
+            env = model.look(frames, mel, model.check_inputs(frames, mel, audio_present), run=run)
+            logits = torch.full((b, self.k, c), math.nan, device=frames.device)
+            final = torch.full((b, c), math.nan, device=frames.device)
+            exit_step = torch.full((b,), self.k - 1, dtype=torch.int64, device=frames.device)
+            self._step_by_step(env, threshold, run, logits, final, exit_step)
+            saliency, kept, boxes = env["saliency"], env["kept"], model.boxes(env["locations"])
         gflops = model.cost().gmacs(exit_step + 1).to(frames.device)
-        return GlanceResult(logits, logits.softmax(-1), exit_step, final, env["saliency"], kept, model.boxes(a), gflops)
+        return GlanceResult(logits, logits.softmax(-1), exit_step, final, saliency, kept, boxes, gflops)
 
-    # --- internals ------------------------------------------------------------------------------
+    def runner(self, hook: Hook) -> RunStage:
+        """Runs a stage of the model's forward on this engine's backend, ``hook`` around each call."""
 
-    def _run(self, name: str, env: dict, hook: Hook) -> dict:
-        stage = self.stages[name]
-        args = tuple(env[i] for i in stage.inputs)
-        with hook.stage(name, args):
-            return dict(zip(stage.outputs, self.runners[name](*args)))
+        def run(name: str, env: dict) -> dict:
+            if name not in self.stages:  # the configuration has nothing to do there (``build_stages``)
+                return {}
+            stage = self.stages[name]
+            args = tuple(env[i] for i in stage.inputs)
+            with hook.stage(name, args):
+                return dict(zip(stage.outputs, self.runners.get(name, stage)(*args)))
 
-    def _local(self, frames, kept, a, active, steps, hook: Hook) -> torch.Tensor:
-        """Local features (n, len(steps), C_local) of the ``active`` videos' kept frames at ``steps``."""
-        model, t = self.model, frames.shape[1]
-        cols = torch.tensor(list(steps), device=frames.device)
-        n, g = active.numel(), cols.numel()
-        index = active.repeat_interleave(g) * t + kept[active][:, cols].flatten()
-        args = (frames.flatten(0, 1), model.centers(a[active][:, cols].reshape(-1, 2)), model.patch_size())
-        with hook.stage("crop", args):
-            patches = ops.crop_patches(*args, index=index, mean=model.pixel_mean, std=model.pixel_std,
-                                       out_dtype=self.dtype, channels_last=True)
-        return self._run("local", {"patches": patches}, hook)["local"].view(n, g, -1)
+        return run
 
-    def _step_by_step(self, frames, feats, kept, a, threshold, logits, final, exit_step, hook: Hook) -> None:
+    def _step_by_step(self, env: dict, threshold: float, run: RunStage, logits, final, exit_step) -> None:
         """Steps in saliency order; after each, the videos whose top probability reaches ``threshold`` leave.
 
         Fills ``logits`` at the steps taken, ``final`` and ``exit_step`` (the last step for videos never confident).
         """
-        model, steps = self.model, self.k
+        frames, steps = env["frames"], self.k
+        per_video = {name: env[name] for name in ("audio", "visual") if name in env}  # what the step head reads
         active = torch.arange(frames.shape[0], device=frames.device)
-        running = torch.full((active.numel(), model.config.fusion_dim), -math.inf, device=frames.device)
+        running = torch.full((active.numel(), self.model.config.fusion_dim), -math.inf, device=frames.device)
         for step in range(steps):
-            local = self._local(frames, kept, a, active, [step], hook)
-            features = model.step_features(_subset(feats, active), kept[active, step:step + 1], local)[:, 0]
-            env = {"features": features, "running": running, "step": torch.tensor(step, device=frames.device)}
-            out = self._run("step_head", env, hook)
+            now = {name: x[active] for name, x in per_video.items()}
+            now.update(frames=frames, rows=active, kept=env["kept"][active, step:step + 1],
+                       locations=env["locations"][active, step:step + 1], running=running,
+                       step=torch.tensor(step, device=frames.device))
+            now.update(run("crop", now))
+            now["local"] = run("local", now)["local"][:, None]  # (n, 1 step, C_local)
+            out = run("step_head", now)
             step_logits = logits[active, step] = out["logits"].float()
-            done = step_logits.softmax(-1).amax(-1) >= threshold
-            if step == steps - 1:
-                done[:] = True
+            done = confident(step_logits.softmax(-1), threshold) | (step == steps - 1)
             final[active[done]] = step_logits[done]
             exit_step[active[done]] = step
             active, running = active[~done], out["next_running"][~done]
             if not active.numel():
                 return
-
-
-def _subset(feats: GlanceFeatures, rows: torch.Tensor) -> GlanceFeatures:
-    """The pooled glance vectors (all the classifier reads) of the videos at ``rows``."""
-
-    def pick(x):
-        return None if x is None else x[rows]
-
-    return GlanceFeatures(None, pick(feats.visual), None, pick(feats.audio), feats.audio_present[rows])

@@ -1,18 +1,20 @@
-"""The AVGN inference path cut into stages with named tensor inputs and outputs, each compiled or exported alone.
+"""The model's stages as modules with named tensor inputs and outputs, each compiled or exported alone.
 
-A stage is a small ``nn.Module`` over the model's own stage methods: ``glance`` (visual and audio
-encoders on B·T frames), ``avtest`` (saliency and the K kept frames), ``aespa`` (patch centres of
-the kept frames), ``local`` (the local encoder on N patches), ``head`` (the step classifier on all
-K steps) and ``step_head`` (one step of it, for early exit). Each declares ``inputs`` and
-``outputs`` as names, takes and returns tensors only, and runs under autocast at its compute
-dtype, so eager, torch.compile, torch.export, ONNX and TensorRT all see the same graph. Parts a
-configuration lacks have no stage: ``build_stages`` leaves them out, and the engine computes them
-eagerly (they are a constant or a random draw). The patch crop is no stage: it is one fused op.
+One module per stage of ``avgn_fast.models.avgn.STAGES``: ``glance`` (visual and audio encoders on
+B·T frames), ``avtest`` (saliency and the K kept frames: AV-TeST, uniform frames or all of them),
+``aespa`` (patch locations of the kept frames: AESPA and the policy, the centre or a random draw),
+``crop`` (the patches, one fused op), ``local`` (the local encoder on N patches), ``head`` (the part
+norms and the step classifier on all K steps) and ``step_head`` (one step of them, for early exit).
+Each calls ``AVGN.run_stage``, the one implementation, on a view of the model that holds only the
+weights the stage uses, so a set of exported stages carries every weight of the inference path
+and nothing else. A stage declares ``inputs`` and ``outputs`` (``AVGN.stage_io``), takes and
+returns tensors only, and runs under autocast at its compute dtype, so eager, torch.compile,
+torch.export, ONNX and TensorRT all see the same graph. Only ``glance`` can be empty (dense and
+visual-only: nothing to glance at), and is then left out.
 """
 
 from __future__ import annotations
 
-import abc
 import copy
 
 import torch
@@ -20,24 +22,23 @@ from torch import nn
 
 from avgn_fast.config import AVGNConfig
 from avgn_fast.data.audio import frame_params
-from avgn_fast.models.avgn import AVGN, GlanceFeatures
+from avgn_fast.models.avgn import AVGN
 
 
-class Stage(nn.Module, abc.ABC):
+class Stage(nn.Module):
     """Base of the stages: positional tensors in ``inputs`` order, a tuple in ``outputs`` order."""
 
     name: str = ""
-    inputs: tuple[str, ...] = ()
-    outputs: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()  # the model's submodules this stage runs
 
-    def __init__(self, model: AVGN, dtype: torch.dtype):
+    def __init__(self, model: AVGN, dtype: torch.dtype, k: int):
         super().__init__()
         self.model = inference_view(model, self.uses)
-        self.dtype = dtype
+        self.dtype, self.k = dtype, k
+        self.inputs, self.outputs = model.stage_io[self.name]
 
     def run(self, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """``compute`` on the named inputs under autocast; each subclass's ``forward`` calls it.
+        """``AVGN.run_stage`` on the named inputs under autocast; each subclass's ``forward`` calls it.
 
         Every subclass has a ``forward`` of its own: torch.compile keeps its compiled graphs per
         code object, so one shared ``forward`` would make the stages share (and exhaust) one cache.
@@ -45,11 +46,8 @@ class Stage(nn.Module, abc.ABC):
         if len(args) != len(self.inputs):
             raise ValueError(f"stage {self.name} takes {self.inputs}, got {len(args)} tensors")
         with torch.autocast(args[0].device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.compute(**dict(zip(self.inputs, args)))
-
-    @abc.abstractmethod
-    def compute(self, **tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The stage's work on its named inputs, in ``outputs`` order."""
+            out = self.model.run_stage(self.name, dict(zip(self.inputs, args)), k=self.k)
+        return tuple(out[name] for name in self.outputs)
 
     def extra_repr(self) -> str:
         return f"{self.inputs} -> {self.outputs}, dtype={self.dtype}"
@@ -59,133 +57,74 @@ class GlanceStage(Stage):
     """frames uint8 (B, T, 3, S, S), mel (B, T, n_mels, n_steps), audio_present (B,) → the glance features."""
 
     name = "glance"
-    inputs = ("frames", "mel", "audio_present")
     uses = ("visual", "audio_norm", "audio")
-
-    def __init__(self, model: AVGN, dtype: torch.dtype):
-        super().__init__(model, dtype)
-        parts = []
-        if model.aespa is not None:
-            parts.append("tokens")
-        if model.visual is not None:
-            parts.append("visual")
-        if model.audio is not None:
-            parts += ["audio_tokens", "audio"]
-        self.outputs = tuple(parts)
 
     def forward(self, *args):
         return self.run(args)
-
-    def compute(self, frames, mel, audio_present):
-        feats = self.model.encode(frames, mel, audio_present)
-        return tuple(getattr(feats, name) for name in self.outputs)
 
 
 class AVTeSTStage(Stage):
     """Pooled visual (and audio) vectors → saliency (B, T) and the kept frames (B, K) in step order."""
 
     name = "avtest"
-    outputs = ("saliency", "kept")
     uses = ("avtest",)
-
-    def __init__(self, model: AVGN, dtype: torch.dtype, k: int):
-        super().__init__(model, dtype)
-        self.k = k
-        self.inputs = ("visual", "audio", "audio_present") if model.audio is not None else ("visual",)
 
     def forward(self, *args):
         return self.run(args)
-
-    def compute(self, visual, audio=None, audio_present=None):
-        present = audio_present if audio_present is not None else _all_present(visual)
-        saliency = self.model.saliency(GlanceFeatures(None, visual, None, audio, present))
-        return saliency, self.model.select(saliency, self.k)
 
 
 class AESPAStage(Stage):
-    """Glance-map tokens (and audio) of the kept frames → patch centres a (B, K, 2) in [0, 1]."""
+    """Glance-map tokens (and audio) of the kept frames → patch locations (B, K, 2) in [0, 1]²."""
 
     name = "aespa"
-    outputs = ("a",)
     uses = ("aespa",)
-
-    def __init__(self, model: AVGN, dtype: torch.dtype):
-        super().__init__(model, dtype)
-        audio = model.audio is not None
-        self.inputs = ("tokens", "audio", "audio_tokens", "kept", "audio_present") if audio else \
-            ("tokens", "visual", "kept")
 
     def forward(self, *args):
         return self.run(args)
 
-    def compute(self, tokens, kept, visual=None, audio=None, audio_tokens=None, audio_present=None):
-        present = audio_present if audio_present is not None else _all_present(tokens)
-        return (self.model.locate(GlanceFeatures(tokens, visual, audio_tokens, audio, present), kept),)
+
+class CropStage(Stage):
+    """frames, rows (n,), kept (n, g), locations (n, g, 2) → normalized patches (n·g, 3, P, P) in the stage dtype.
+
+    The engine runs it eagerly (a fused op; its inputs are not batch-aligned, so it is never padded).
+    """
+
+    name = "crop"
+
+    def forward(self, *args):
+        return self.run(args)
 
 
 class LocalStage(Stage):
     """Patches (N, 3, P, P), normalized → local features (N, C_local)."""
 
     name = "local"
-    inputs = ("patches",)
-    outputs = ("local",)
     uses = ("local",)
 
     def forward(self, *args):
         return self.run(args)
 
-    def compute(self, patches):
-        return (self.model.local(patches)[1],)
-
 
 class HeadStage(Stage):
-    """Per-step features (B, K, fused_dim) → logits (B, K, C) after every step, as ``model.classifier``."""
+    """Pooled glance vectors (B, T, ·), kept (B, K), local (B, K, C_local) → logits (B, K, C) after every step."""
 
     name = "head"
-    inputs = ("features",)
-    outputs = ("logits",)
-    uses = ("classifier",)
+    uses = ("part_norms", "classifier")
 
     def forward(self, *args):
         return self.run(args)
-
-    def compute(self, features):
-        return (self.model.classifier(features),)
 
 
 class StepHeadStage(Stage):
-    """One classifier step for the videos still in: fused features, the running max, that step's exit head.
-
-    features (N, fused_dim), running (N, hidden) float32 (−inf before the first step), step: int64
-    scalar → logits (N, C) and the next running max. The exit heads are stacked, so one graph serves
-    every step.
-    """
+    """One classifier step for the videos still in: as ``head`` for their step's frame (kept (N, 1), local
+    (N, 1, C_local)), with running (N, hidden) float32 (−inf before the first step) and step, an int64
+    scalar → logits (N, C) and the next running max."""
 
     name = "step_head"
-    inputs = ("features", "running", "step")
-    outputs = ("logits", "next_running")
-    uses = ("classifier",)
-
-    def __init__(self, model: AVGN, dtype: torch.dtype):
-        super().__init__(model, dtype)
-        heads = model.classifier.heads
-        self.register_buffer("weight", torch.stack([h.weight.detach() for h in heads]), persistent=False)
-        self.register_buffer("bias", torch.stack([h.bias.detach() for h in heads]), persistent=False)
+    uses = ("part_norms", "classifier")
 
     def forward(self, *args):
         return self.run(args)
-
-    def compute(self, features, running, step):
-        # the fused vector is ≥ 0 (ReLU) and the max is exact, so the float32 running max loses nothing
-        running = torch.maximum(running, self.model.classifier.fuse(features).float())
-        # index_select, not indexing: it keeps the picked weight 2-D for every exporter
-        pick = step.reshape(1)
-        weight, bias = self.weight.index_select(0, pick)[0], self.bias.index_select(0, pick)[0]
-        return nn.functional.linear(running, weight, bias), running
-
-
-def _all_present(like: torch.Tensor) -> torch.Tensor:
-    return torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
 
 
 def inference_view(model: AVGN, keep: tuple[str, ...]) -> AVGN:
@@ -202,18 +141,13 @@ def inference_view(model: AVGN, keep: tuple[str, ...]) -> AVGN:
     return view
 
 
+STAGE_TYPES = (GlanceStage, AVTeSTStage, AESPAStage, CropStage, LocalStage, HeadStage, StepHeadStage)
+
+
 def build_stages(model: AVGN, dtype: torch.dtype, k: int) -> dict[str, Stage]:
-    """The stages this model's configuration has, by name, in pipeline order."""
-    stages: list[Stage] = []
-    glance = GlanceStage(model, dtype)
-    if glance.outputs:
-        stages.append(glance)
-    if model.avtest is not None:
-        stages.append(AVTeSTStage(model, dtype, k))
-    if model.aespa is not None:
-        stages.append(AESPAStage(model, dtype))
-    stages += [LocalStage(model, dtype), HeadStage(model, dtype), StepHeadStage(model, dtype)]
-    return {stage.name: stage.eval() for stage in stages}
+    """The stages of this model's configuration by name, in pipeline order (``glance`` left out when empty)."""
+    stages = (kind(model, dtype, k) for kind in STAGE_TYPES)
+    return {stage.name: stage.eval() for stage in stages if stage.outputs}
 
 
 def random_inputs(config: AVGNConfig, batch: int, device=None, *, seed: int = 0):

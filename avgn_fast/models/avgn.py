@@ -3,98 +3,34 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avgn_fast.config import AVGNConfig
+from avgn_fast.config import FROM_CHECKPOINT, AVGNConfig, InferenceSettings
 from avgn_fast.data.audio import frame_params
 from avgn_fast.models import ops
 from avgn_fast.models.aespa import AESPA
 from avgn_fast.models.avtest import AVTeST, top_k_frames, uniform_frames
 from avgn_fast.models.backbones import mobilenet_v2, resnet18, resnet50
 from avgn_fast.models.classifier import StepClassifier, exit_steps
+from avgn_fast.models.outputs import Component, Cost, ForwardOutput, GlanceFeatures, GlanceResult
+
+__all__ = ["AVGN", "STAGES", "Component", "Cost", "ForwardOutput", "GlanceFeatures", "GlanceResult", "RunStage",
+           "gather_frames"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # last torchvision MobileNetV2 ``features`` index at each output stride (stride 32 is the final map)
 _MOBILENET_STAGE_END = {8: 6, 16: 13, 32: 18}
-_COSTS: dict[AVGNConfig, Cost] = {}  # cost depends on the configuration only
+_TABLES: dict[AVGNConfig, list] = {}  # the component GMACs of each configuration, counted once
 
-
-@dataclass(frozen=True)
-class Cost:
-    """GMACs of one video: ``per_video`` once (glance, audio, AV-TeST), then ``per_step`` for each step taken."""
-
-    per_video: float
-    per_step: float
-
-    def gmacs(self, steps_taken: torch.Tensor) -> torch.Tensor:
-        """(B,) GMACs for ``steps_taken`` (B,) steps per video."""
-        return self.per_video + self.per_step * steps_taken.to(torch.float32)
-
-
-@dataclass
-class GlanceFeatures:
-    """What the glance stage computes for all T frames (``None`` where the configuration has no such part).
-
-    tokens (B, T, h·w, C_tok): glance-map positions for AESPA; visual (B, T, C_v): pooled glance vector;
-    audio_tokens (B, T, La, C_a) and audio (B, T, C_a), zero for videos without audio; audio_present (B,).
-    """
-
-    tokens: torch.Tensor | None
-    visual: torch.Tensor | None
-    audio_tokens: torch.Tensor | None
-    audio: torch.Tensor | None
-    audio_present: torch.Tensor
-
-
-@dataclass
-class GlanceResult:
-    """Per-video outputs of ``AVGN.glance`` for a batch of B videos, K steps, C classes.
-
-    logits/probs (B, K, C): after each step, frames in saliency order; exit_step (B,) int64: the
-    first step whose top probability passed the threshold, else K − 1; final_logits (B, C): the
-    logits at the exit; saliency (B, T) (zeros without AV-TeST); kept (B, K) int64 frame indices in
-    step order; boxes (B, K, 4) float (y0, x0, y1, x1) in frame pixels; gflops (B,): GMACs spent.
-    """
-
-    logits: torch.Tensor
-    probs: torch.Tensor
-    exit_step: torch.Tensor
-    final_logits: torch.Tensor
-    saliency: torch.Tensor
-    kept: torch.Tensor
-    boxes: torch.Tensor
-    gflops: torch.Tensor
-
-    def __post_init__(self):
-        if self.logits.dim() != 3 or self.probs.shape != self.logits.shape:
-            raise ValueError(f"logits and probs must be equal (B, K, C), got {self.logits.shape=} {self.probs.shape=}")
-        b, k, c = self.logits.shape
-        expected = {"exit_step": (b,), "final_logits": (b, c), "kept": (b, k), "boxes": (b, k, 4), "gflops": (b,)}
-        for name, shape in expected.items():
-            if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"{name} must have shape {shape}, got {getattr(self, name).shape}")
-        if self.saliency.dim() != 2 or self.saliency.shape[0] != b:
-            raise ValueError(f"saliency must be (B={b}, T), got {self.saliency.shape=}")
-        for name in ("exit_step", "kept"):
-            if getattr(self, name).dtype != torch.int64:
-                raise ValueError(f"{name} must be int64, got {getattr(self, name).dtype}")
-        if b and (int(self.exit_step.min()) < 0 or int(self.exit_step.max()) >= k):
-            raise ValueError(f"exit_step must lie in [0, {k}), got {self.exit_step.tolist()}")
-
-    @property
-    def prediction(self) -> torch.Tensor:
-        """(B,) int64 class index at the exit."""
-        return self.final_logits.argmax(-1)
-
-    def __repr__(self) -> str:
-        shapes = ", ".join(f"{name}={tuple(getattr(self, name).shape)}" for name in
-                           ("logits", "exit_step", "final_logits", "saliency", "kept", "boxes", "gflops"))
-        return f"GlanceResult({shapes})"
+# the inference path in order; each stage takes and returns named tensors (``AVGN.stage_io``)
+STAGES = ("glance", "avtest", "aespa", "crop", "local", "head", "step_head")
+# runs one stage: (stage name, named tensors holding at least its inputs) → its named outputs
+RunStage = Callable[[str, dict], dict]
 
 
 def _grid(size: int, stride: int) -> int:
@@ -111,36 +47,40 @@ class AVGN(nn.Module):
     audio_present (B,) bool. The baseline switches of the config decide which parts exist:
     ``audio=False`` drops the audio encoder (visual-only AV-TeST and AESPA), ``temporal="uniform"``
     replaces AV-TeST by K uniformly spaced frames, ``spatial="center"|"random"`` replaces AESPA and
-    the policy, and ``dense=True`` runs the local encoder on all T full frames without a glance.
+    the policy, ``dense=True`` runs the local encoder on all T full frames without a glance, and
+    ``visual=False`` keeps only the audio encoder and the classifier (K uniform frames, no patches).
+
+    The inference path is one list of stages (``STAGES``, ``stage_io``, ``run_stage``) and one
+    forward over them; training, evaluation and the engine all run that forward.
     """
 
     def __init__(self, config: AVGNConfig):
         super().__init__()
         c = self.config = config
-        self.steps = c.num_frames if c.dense else c.k
+        self.steps = c.steps
         self.mel_steps = frame_params(c.sample_rate, window_s=c.audio_window_s, win_ms=c.win_ms,
                                       hop_ms=c.hop_ms).n_steps
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD) * 255, persistent=False)
-        self._cost: Cost | None = None
 
-        self.visual = None if c.dense else mobilenet_v2(width_mult=c.glance_width, num_classes=0)
+        self.visual = None if c.dense or not c.visual else mobilenet_v2(width_mult=c.glance_width, num_classes=0)
         if c.audio:
             self.audio_norm = nn.BatchNorm2d(1)
             self.audio = mobilenet_v2(width_mult=c.audio_width, in_channels=1, num_classes=0)
         else:
             self.audio_norm = self.audio = None
         local = {"resnet18": resnet18, "resnet50": resnet50}[c.local_arch]
-        self.local = local(width=c.local_width, num_classes=0)
+        self.local = local(width=c.local_width, num_classes=0) if c.visual else None
 
         audio_dim = self.audio.out_channels if self.audio is not None else 0
         visual_dim = self.visual.out_channels if self.visual is not None else 0
+        local_dim = self.local.out_channels if self.local is not None else 0
         self.avtest = None
         self.aespa = None
-        if not c.dense and c.temporal == "avtest":
+        if self.visual is not None and c.temporal == "avtest":
             self.avtest = AVTeST(visual_dim, audio_dim, c.num_frames, c.avtest_dim, c.avtest_layers,
                                  c.avtest_heads)
-        if not c.dense and c.spatial == "policy":
+        if self.visual is not None and c.spatial == "policy":
             self.token_layer = _MOBILENET_STAGE_END[c.glance_token_stride]
             tap = self.visual.features[self.token_layer]
             token_channels = [m for m in tap.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
@@ -151,21 +91,128 @@ class AVGN(nn.Module):
 
         # each part of a step's features is layer-normalized before fusion, so the narrow local vector
         # is not drowned by the wide glance vectors
-        parts = [d for d in (audio_dim, visual_dim, self.local.out_channels) if d]
+        parts = [d for d in (audio_dim, visual_dim, local_dim) if d]
         self.part_norms = nn.ModuleList(nn.LayerNorm(d) for d in parts)
         fused_dim = sum(parts)
         self.classifier = StepClassifier(fused_dim, c.fusion_dim, c.num_classes, self.steps)
         # auxiliary heads, used only by the training losses
-        aux = {"local": self.local.out_channels}
+        aux = {"local": local_dim} if local_dim else {}
         if audio_dim:
             aux["audio"] = audio_dim
         if visual_dim:
             aux["global"] = visual_dim
         self.aux_heads = nn.ModuleDict({name: nn.Linear(dim, c.num_classes) for name, dim in aux.items()})
+        self.stage_io = self._stage_io()
         # channels-last convolutions are markedly faster on CPU (oneDNN) and on GPU tensor cores
         self.to(memory_format=torch.channels_last)
 
-    # --- stages -----------------------------------------------------------------------------------
+    # --- the forward, stage by stage ----------------------------------------------------------------
+
+    def forward(self, frames, mel, audio_present=None, *, k: int | None = None, run: RunStage | None = None,
+                detach_audio: bool = False, crop_gradient: float = 1.0) -> ForwardOutput:
+        """Every stage on every video, all k steps (default K) → the intermediates (``ForwardOutput``).
+
+        ``run`` calls the stages (default: ``run_stage``, eager; the engine passes its compiled
+        ones). Training hooks, which leave the values unchanged: ``detach_audio`` makes AV-TeST and
+        AESPA read the audio features detached; ``crop_gradient`` scales the gradient that reaches
+        the patch locations through the differentiable crop (0: none).
+        """
+        k = InferenceSettings(k=k).steps(self.config)
+        audio_present = self.check_inputs(frames, mel, audio_present)
+        run = run or (lambda name, env: self.run_stage(name, env, k=k))  # eager, here
+        env = self.look(frames, mel, audio_present, run=run, detach_audio=detach_audio)
+        locations = env["locations"]
+        if crop_gradient != 1.0:  # the same value, its gradient scaled
+            env["locations"] = locations.detach() + crop_gradient * (locations - locations.detach())
+        env["rows"] = torch.arange(frames.shape[0], device=frames.device)
+        env.update(run("crop", env))
+        env["local"] = run("local", env)["local"].unflatten(0, env["kept"].shape)  # patch rows → (video, step)
+        env.update(run("head", env))
+        return ForwardOutput(GlanceFeatures.of(env), env["saliency"], env["kept"], locations, self.boxes(locations),
+                             env["patches"], env["local"], env["logits"])
+
+    def look(self, frames, mel, audio_present, *, run: RunStage, detach_audio: bool = False) -> dict:
+        """The per-video stages (glance encoders on all T frames, frame choice, patch locations) → the named
+        tensors: the inputs, the glance features, ``saliency``, ``kept`` and ``locations``."""
+        env = {"frames": frames, "mel": mel, "audio_present": audio_present}
+        env.update(run("glance", env))
+        guide = audio_detached(env) if detach_audio else env
+        env.update(run("avtest", guide))
+        env.update(run("aespa", {**guide, "kept": env["kept"]}))
+        return env
+
+    @torch.no_grad()
+    def glance(self, frames, mel, *, audio_present=None, k: int | None = None,
+               exit_threshold: float | None | str = FROM_CHECKPOINT) -> GlanceResult:
+        """Classify a batch with early exit (no gradients): the reference the engine is checked against.
+
+        All k steps are computed; each video exits at the first step whose top probability is
+        ≥ ``exit_threshold`` (``InferenceSettings``: the checkpoint's by default, None = never), and
+        its GMACs count the steps up to that exit.
+        """
+        threshold = InferenceSettings(exit_threshold=exit_threshold).threshold(self.config)
+        out = self(frames, mel, audio_present, k=k)
+        probs = out.logits.float().softmax(-1)
+        exit_step = exit_steps(probs, threshold)
+        final = out.logits[torch.arange(out.logits.shape[0], device=out.logits.device), exit_step]
+        gflops = self.cost().gmacs(exit_step + 1).to(out.logits.device)
+        return GlanceResult(out.logits, probs, exit_step, final, out.saliency, out.kept, out.boxes, gflops)
+
+    # --- the stages ---------------------------------------------------------------------------------
+
+    def _stage_io(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """Names of every stage's tensor inputs and outputs for this configuration."""
+        audio, visual, policy = self.audio is not None, self.visual is not None, self.aespa is not None
+        features = ("tokens",) * policy + ("visual",) * visual + ("audio_tokens", "audio") * audio
+        avtest = ("visual", "audio", "audio_present") if audio else ("visual",)
+        avtest = avtest if self.avtest is not None else ("audio_present",)  # uniform or all frames: the batch size
+        aespa = ("tokens", "audio", "audio_tokens", "kept", "audio_present") if audio else ("tokens", "visual", "kept")
+        aespa = aespa if policy else ("kept",)  # without a policy: the centre, or a random draw
+        parts = ("audio",) * audio + ("visual",) * visual
+        return {
+            "glance": (("frames", "mel", "audio_present"), features),
+            "avtest": (avtest, ("saliency", "kept")),
+            "aespa": (aespa, ("locations",)),
+            "crop": (("frames", "rows", "kept", "locations"), ("patches",)),
+            "local": (("patches",), ("local",)),
+            "head": ((*parts, "kept", "local"), ("logits",)),
+            "step_head": ((*parts, "kept", "local", "running", "step"), ("logits", "next_running")),
+        }
+
+    def run_stage(self, name: str, env: dict, *, k: int) -> dict:
+        """Stage ``name`` on its inputs, read by name from ``env``, → its named outputs (``stage_io``).
+
+        glance: frames, mel, audio_present → the glance features of all T frames (``encode``).
+        avtest: → saliency (B, T) and the k kept frames (B, k) in step order.
+        aespa: → patch locations (B, k, 2) in [0, 1]² of the kept frames.
+        crop: frames (B, T, 3, S, S), rows (n,) int64, kept and locations (n, g[, 2]) → patches
+            (n·g, 3, P, P) of frame kept[i, j] of video rows[i], in the autocast dtype (else float32).
+        local: patches → local (n·g, C_local), which the forward views as (n, g, C_local).
+        head: the videos' pooled glance vectors (n, T, C), kept (n, g), local (n, g, C_local) → logits
+            (n, g, C) after each of g steps.
+        step_head: the same for one step (g = 1), running (n, hidden) float32 (−inf before step 0)
+            and step (int64 scalar) → logits (n, C) and next_running.
+        """
+        inputs, outputs = self.stage_io[name]
+        x = {n: env[n] for n in inputs}  # a stage reads nothing but its declared inputs
+        if name == "glance":
+            features = self.encode(x["frames"], x["mel"], x["audio_present"])
+            return {n: getattr(features, n) for n in outputs}
+        if name == "avtest":
+            saliency = self.saliency(GlanceFeatures.of(x))
+            return {"saliency": saliency, "kept": self.select(saliency, k)}
+        if name == "aespa":
+            return {"locations": self.locate(GlanceFeatures.of(x), x["kept"])}
+        if name == "crop":
+            return {"patches": self.crop(x["frames"], x["kept"], x["locations"], rows=x["rows"])}
+        if name == "local":  # without a local encoder (audio-only) a patch has no features: width 0
+            patches = x["patches"]
+            return {"local": self.local(patches)[1] if self.local is not None else patches.new_zeros(len(patches), 0)}
+        features = self.step_features(GlanceFeatures.of(x), x["kept"], x["local"])
+        if name == "head":
+            return {"logits": self.classifier(features)}
+        logits, running = self.classifier.step(features[:, 0], x["running"], x["step"])
+        return {"logits": logits, "next_running": running}
 
     def check_inputs(self, frames, mel, audio_present=None):
         """Raise ValueError unless the inputs match the config; returns audio_present (B,) bool."""
@@ -233,12 +280,12 @@ class AVGN(nn.Module):
         """Patch centres a (B, k, 2) in [0, 1] ((ay, ax); corner = a·(S − P)) for the kept frames."""
         b, k = kept.shape
         c = self.config
-        if c.dense or c.spatial == "center":
+        if c.dense or c.spatial == "center" or not c.visual:
             return torch.full((b, k, 2), 0.5, device=kept.device)
         if c.spatial == "random":
             return torch.rand(b, k, 2, device=kept.device)
         tokens = gather_frames(feats.tokens, kept).flatten(0, 1)
-        present = feats.audio_present[:, None].expand(b, k).flatten()
+        present = None if feats.audio_present is None else feats.audio_present[:, None].expand(b, k).flatten()
         if self.audio is not None:
             query = gather_frames(feats.audio, kept).flatten(0, 1)
             audio_tokens = gather_frames(feats.audio_tokens, kept).flatten(0, 1)
@@ -248,7 +295,8 @@ class AVGN(nn.Module):
         return a.view(b, k, 2)
 
     def patch_size(self) -> int:
-        return self.config.frame_size if self.config.dense else self.config.patch_size
+        """P: S for dense, 0 for audio-only (nothing is cropped: an empty box at the frame centre)."""
+        return 0 if not self.config.visual else self.config.frame_size if self.config.dense else self.config.patch_size
 
     def centers(self, a: torch.Tensor) -> torch.Tensor:
         """Patch centres in frame pixels (..., 2) (cy, cx) from a ∈ [0, 1]²: corner a·(S − P) plus P/2."""
@@ -261,99 +309,63 @@ class AVGN(nn.Module):
         half = self.patch_size() / 2
         return torch.cat([centers - half, centers + half], dim=-1)
 
-    def crop(self, frames: torch.Tensor, kept: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Normalized float32 channels-last patches (B·k, 3, P, P) of the kept frames at centres ``a``."""
+    def crop(self, frames: torch.Tensor, kept: torch.Tensor, a: torch.Tensor,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized channels-last patches (n·g, 3, P, P) of frames kept (n, g) of the videos ``rows`` (n,)
+        (default: all B, n = B) at centres ``a`` (n, g, 2); float32, or the autocast dtype when autocast is on."""
         b, t = frames.shape[:2]
-        index = (torch.arange(b, device=kept.device)[:, None] * t + kept).flatten()
+        rows = torch.arange(b, device=kept.device) if rows is None else rows
+        index = (rows[:, None] * t + kept).flatten()
+        device = frames.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        if self.local is None:  # audio-only: nothing to look at closely
+            return torch.zeros(len(index), 3, 0, 0, device=frames.device, dtype=dtype)
         return ops.crop_patches(frames.flatten(0, 1), self.centers(a).flatten(0, 1), self.patch_size(), index=index,
-                                mean=self.pixel_mean, std=self.pixel_std, out_dtype=torch.float32,
-                                channels_last=True)
+                                mean=self.pixel_mean, std=self.pixel_std, out_dtype=dtype, channels_last=True)
 
     def local_features(self, patches: torch.Tensor, b: int) -> torch.Tensor:
         """Local encoder on (B·k, 3, P, P) patches → (B, k, C_local)."""
         return self.local(patches)[1].view(b, -1, self.local.out_channels)
 
     def step_features(self, feats: GlanceFeatures, kept: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """(B, k, fused_dim): per kept frame [audio; global; local]."""
+        """(B, k, fused_dim): per kept frame [audio; global; local], each part layer-normalized."""
         parts = [gather_frames(x, kept) for x in (feats.audio, feats.visual) if x is not None]
-        return torch.cat([norm(x) for norm, x in zip(self.part_norms, [*parts, local], strict=True)], dim=-1)
+        parts += [local] if self.local is not None else []  # audio-only: local has width 0
+        return torch.cat([norm(x) for norm, x in zip(self.part_norms, parts, strict=True)], dim=-1)
 
-    # --- inference --------------------------------------------------------------------------------
+    # --- cost -----------------------------------------------------------------------------------------
 
-    def forward(self, frames, mel, audio_present=None, k: int | None = None):
-        """Returns logits (B, k, C) per step, saliency (B, T), kept frames (B, k), patch boxes (B, k, 4)."""
-        k = self.steps if k is None else k
-        if not 1 <= k <= self.steps:
-            raise ValueError(f"k must be in [1, {self.steps}] for this model, got {k}")
-        audio_present = self.check_inputs(frames, mel, audio_present)
-        feats = self.encode(frames, mel, audio_present)
-        saliency = self.saliency(feats)
-        kept = self.select(saliency, k)
-        a = self.locate(feats, kept)
-        local = self.local_features(self.crop(frames, kept, a), frames.shape[0])
-        logits = self.classifier(self.step_features(feats, kept, local))
-        return logits, saliency, kept, self.boxes(a)
+    def components(self) -> list[Component]:
+        """Every part of the inference path that does multiply-accumulate work (``model_components``)."""
+        from avgn_fast.models.components import model_components
 
-    @torch.no_grad()
-    def glance(self, frames, mel, *, audio_present=None, k: int | None = None,
-               exit_threshold: float | None = None) -> GlanceResult:
-        """Classify a batch with early exit (no gradients).
+        return model_components(self)
 
-        All k steps are computed; each video exits at the first step whose top probability is
-        ≥ ``exit_threshold`` (default: the config's; None = the last step), and its GMACs count the
-        glance plus the steps up to that exit.
-        """
-        logits, saliency, kept, boxes = self(frames, mel, audio_present, k)
-        probs = logits.float().softmax(-1)
-        threshold = self.config.exit_threshold if exit_threshold is None else exit_threshold
-        exit_step = exit_steps(probs, threshold)
-        final = logits[torch.arange(logits.shape[0], device=logits.device), exit_step]
-        gflops = self.cost().gmacs(exit_step + 1).to(logits.device)
-        return GlanceResult(logits, probs, exit_step, final, saliency, kept, boxes, gflops)
+    def flops_table(self) -> list:
+        """``avgn_fast.flops.component_table`` of this model: one ``ComponentFlops`` row per component, counted
+        once per configuration (the counts depend on the configuration only)."""
+        key = self.config.replace(name="", exit_threshold=None)  # fields that change no component
+        if key not in _TABLES:
+            from avgn_fast.flops import component_table
+
+            _TABLES[key] = component_table(self)
+        return _TABLES[key]
 
     def cost(self) -> Cost:
-        """GMACs per video and per step, counted with fvcore on batch-1 inputs once per configuration."""
-        if self._cost is None:
-            self._cost = _COSTS.get(self.config) or self._count_cost()
-            _COSTS[self.config] = self._cost
-        return self._cost
+        """GMACs per video and per step taken: the sums of ``flops_table()``."""
+        from avgn_fast.flops import video_and_step_gmacs
 
-    def _count_cost(self) -> Cost:
-        from avgn_fast.flops import count_gmacs
+        return Cost(*video_and_step_gmacs(self.flops_table()))
 
-        c = self.config
-        param = next(self.parameters())
-        gen, t = torch.Generator().manual_seed(0), c.num_frames
 
-        def rand(*shape):  # a private generator: counting must not move the global RNG
-            return torch.randn(*shape, generator=gen).to(param.device, param.dtype)
+def audio_detached(env: dict) -> dict:
+    """``env`` with the audio features detached: what AV-TeST and AESPA read while they learn.
 
-        per_video = per_step = 0.0
-        if self.visual is not None:
-            per_video += count_gmacs(self.visual, rand(t, 3, c.glance_size, c.glance_size))
-        if self.audio is not None:
-            per_video += count_gmacs(self.audio, rand(t, 1, c.n_mels, self.mel_steps))
-        audio_dim = self.audio.out_channels if self.audio is not None else 0
-        if self.avtest is not None:
-            inputs = [rand(1, t, self.visual.out_channels)] + ([rand(1, t, audio_dim)] if audio_dim else [])
-            per_video += count_gmacs(self.avtest, *inputs)
-        if self.aespa is not None:
-            positions = self.aespa.visual_pos.shape[0]
-            tokens = rand(1, positions, self.aespa.visual_proj.in_features)
-            query = rand(1, self.aespa.query[1].in_features)
-            extra = [rand(1, self.aespa.audio_pos.shape[0], audio_dim)] if audio_dim else []
-            per_step += count_gmacs(self.aespa, tokens, query, *extra)
-        p = self.patch_size()
-        per_step += count_gmacs(self.local, rand(1, 3, p, p))
-        per_step += count_gmacs(self.classifier.fuse, rand(1, self.classifier.fuse[0].in_features))
-        per_step += count_gmacs(self.classifier.heads[0], rand(1, c.fusion_dim))
-        return Cost(per_video, per_step)
-
-    def save(self, path, *, class_names, metrics: dict | None = None) -> None:
-        """Write one checkpoint file (see ``avgn_fast.checkpoint``)."""
-        from avgn_fast.checkpoint import save_checkpoint
-
-        save_checkpoint(path, self, class_names=class_names, metrics=metrics)
+    Their losses chase targets that the audio head itself defines (the teacher); letting them
+    reshape the audio encoder measurably unlearns the class sounds, so the audio encoder learns
+    from its own head and from the classifier only.
+    """
+    return {name: x.detach() if name in ("audio", "audio_tokens") and x is not None else x for name, x in env.items()}
 
 
 def gather_frames(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 The registered ops (``torch.ops.avgn_fast.*``, Triton kernels on CUDA) run only when ``use_triton()``
 allows it, the tensors are on CUDA and no gradient is needed (the kernels are inference-only); as
 ``triton_op``s they stay visible to torch.compile and torch.export. Everywhere else, training
-included, the differentiable references run.
+included, the differentiable references run. Importing ``avgn_fast`` registers the ops (``avgn_fast.kernels``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from avgn_fast.config import use_triton
-from avgn_fast.kernels.av_attention import av_attention_ref
-from avgn_fast.kernels.crop_patches import crop_patches_ref
+from avgn_fast.kernels import av_attention_ref, crop_patches_ref
 
 
 def _fused(*tensors: torch.Tensor | None) -> bool:
@@ -36,6 +35,10 @@ def crop_patches(
     if _fused(images, centers, mean, std):
         ph, pw = (size, size) if isinstance(size, int) else size
         return torch.ops.avgn_fast.crop_patches(images, centers, ph, pw, index, mean, std, out_dtype, channels_last)
+    if index is not None and torch.jit.is_tracing():
+        # the TorchScript tracer (ONNX export) cannot trace the reference's host-side check of the index
+        # values; selecting the images first is the reference's own first step, so the values are the same
+        images, index = images.index_select(0, index), None
     return crop_patches_ref(images, centers, size, index=index, mean=mean, std=std, out_dtype=out_dtype,
                             channels_last=channels_last)
 

@@ -17,15 +17,15 @@
   stands out. The classification gradient can also reach the policy through the differentiable
   crop, as in AdaFocusV2 (``crop_gradient``; off by default, see ``LossWeights``).
 
-AV-TeST and AESPA read the audio features detached (``audio_detached``): the audio encoder learns
-from its own head and the classifier. The trainer runs these in stages (``TrainSettings``):
-``audio_warmup_losses``, then ``look_losses``, then ``avgn_losses``.
+AV-TeST and AESPA read the audio features detached (``avgn_fast.models.avgn.audio_detached``): the
+audio encoder learns from its own head and the classifier. The joint stage runs the model's own
+forward (``AVGN.forward``, the one inference runs) with those training hooks. The trainer runs
+these in stages (``TrainSettings``): ``audio_warmup_losses``, then ``look_losses``, then ``avgn_losses``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avgn_fast.models.avgn import AVGN, GlanceFeatures
+from avgn_fast.models.avgn import AVGN, GlanceFeatures, audio_detached
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def audio_warmup_losses(model: AVGN, frames, mel, labels, audio_present, weights
     """
     audio_logits = model.aux_heads["audio"](model.encode_audio(mel, audio_present)[1])
     terms = {"aux_audio": audio_loss(audio_logits, labels, audio_present, weights)}
-    if not model.config.dense and weights.warmup_search_frames:
+    if model.local is not None and not model.config.dense and weights.warmup_search_frames:
         searched = true_class_prob(audio_logits.detach(), labels).topk(weights.warmup_search_frames, dim=1).indices
         terms.update(search_terms(model, frames, None, searched, labels, weights))
     total = sum(getattr(weights, name) * value for name, value in terms.items())
@@ -195,7 +195,7 @@ def look_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWe
     """
     heads = model.aux_heads
     feats = model.encode(frames, mel, audio_present)
-    guide = audio_detached(feats)
+    guide = guide_features(feats)
     audio_logits = heads["audio"](feats.audio)
     terms = {"aux_audio": audio_loss(audio_logits, labels, audio_present, weights)}
     teacher = true_class_prob(audio_logits.detach(), labels)
@@ -229,16 +229,9 @@ def audio_loss(audio_logits, labels, audio_present, weights: LossWeights) -> tor
                                   temperature=weights.instance_temperature, weight=audio_present.float())
 
 
-def audio_detached(feats: GlanceFeatures) -> GlanceFeatures:
-    """``feats`` with the audio features detached: what AV-TeST and AESPA read while they learn.
-
-    Their losses chase targets that the audio head itself defines (the teacher); letting them
-    reshape the audio encoder measurably unlearns the class sounds, so the audio encoder learns
-    from its own head and from the classifier only.
-    """
-    if feats.audio is None:
-        return feats
-    return dataclasses.replace(feats, audio=feats.audio.detach(), audio_tokens=feats.audio_tokens.detach())
+def guide_features(feats: GlanceFeatures) -> GlanceFeatures:
+    """``feats`` as AV-TeST and AESPA read them while they learn: the audio detached (``audio_detached``)."""
+    return GlanceFeatures.of(audio_detached(vars(feats)))
 
 
 def search_grid_size(model: AVGN, weights: LossWeights) -> int:
@@ -250,19 +243,16 @@ def search_grid_size(model: AVGN, weights: LossWeights) -> int:
 def avgn_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWeights) -> dict[str, torch.Tensor]:
     """Every enabled loss term for one batch, plus ``total`` (their weighted sum) and ``logits`` (detached).
 
-    The glance runs on all T frames; the policy, crop and local encoder on the K selected frames.
-    With AV-TeST, the teacher also needs every other frame's patch: those run without gradients.
+    The model's forward runs on all K steps (the glance on all T frames; the policy, crop and local
+    encoder on the K selected frames), AV-TeST and AESPA reading the audio detached and the crop
+    passing ``crop_gradient`` of the gradient to the policy. With AV-TeST, the teacher also needs
+    every other frame's patch: those run without gradients.
     """
-    b, t = frames.shape[:2]
+    b = frames.shape[0]
     heads = model.aux_heads
-    feats = model.encode(frames, mel, audio_present)
-    guide = audio_detached(feats)
-    saliency = model.saliency(guide)
-    kept = model.select(saliency.detach(), model.steps)
-    a = model.locate(guide, kept)
-    through_crop = a.detach() + weights.crop_gradient * (a - a.detach())  # scales the gradient, not the value
-    local = model.local_features(model.crop(frames, kept, through_crop), b)
-    logits = model.classifier(model.step_features(feats, kept, local))
+    out = model(frames, mel, audio_present, detach_audio=True, crop_gradient=weights.crop_gradient)
+    feats, saliency, kept, a, local, logits = out.features, out.saliency, out.kept, out.locations, out.local, out.logits
+    guide = guide_features(feats)
 
     terms = {"ordered": ordered_logits_loss(logits, labels)}
     audio_logits = None
@@ -272,7 +262,8 @@ def avgn_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWe
             terms["aux_audio"] = audio_loss(audio_logits, labels, audio_present, weights)
     if feats.visual is not None and weights.aux_global:
         terms["aux_global"] = frame_cross_entropy(heads["global"](feats.visual), labels)
-    if weights.aux_local:  # the kept patches as instances: only some of them need to show the class
+    patches = model.local is not None  # the audio-only baseline has none
+    if patches and weights.aux_local:  # the kept patches as instances: only some of them need to show the class
         terms["aux_local"] = instance_cross_entropy(heads["local"](local), labels, mix=weights.instance_mix,
                                                     temperature=weights.instance_temperature)
     searched = kept[:, :weights.search_frames]
@@ -281,10 +272,10 @@ def avgn_losses(model: AVGN, frames, mel, labels, audio_present, weights: LossWe
         if weights.saliency:
             terms["saliency"] = saliency_ranking_loss(saliency, teacher, weights.saliency_temperature)
         searched = teacher.topk(searched.shape[1], dim=1).indices  # the teacher's best frames, not yet AV-TeST's
-    if not model.config.dense and weights.random_patch:
+    if patches and not model.config.dense and weights.random_patch:
         random_local = model.local_features(model.crop(frames, kept, torch.rand_like(a)), b)
         terms["random_patch"] = frame_cross_entropy(heads["local"](random_local), labels)
-    if not model.config.dense and weights.search_frames:
+    if patches and not model.config.dense and weights.search_frames:
         terms.update(search_terms(model, frames, guide, searched, labels, weights))
 
     total = sum(getattr(weights, name) * value for name, value in terms.items())
@@ -303,7 +294,7 @@ def frame_teacher(model: AVGN, frames, feats, labels, audio_logits=None) -> torc
     every = torch.arange(t, device=frames.device).expand(b, t)
     with frozen_bn_stats(model):
         local = model.local_features(model.crop(frames, every, model.locate(feats, every)), b)
-        logits = model.classifier.heads[0](model.classifier.fuse(model.step_features(feats, every, local)))
+        logits = model.classifier.alone(model.step_features(feats, every, local))
     if audio_logits is not None:
         logits = logits + audio_logits
     return true_class_prob(logits, labels)
