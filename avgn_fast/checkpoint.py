@@ -12,11 +12,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from avgn_fast.config import AVGNConfig
-from avgn_fast.models.avgn import AVGN, Cost
+from avgn_fast.models.avgn import AVGN
+
+if TYPE_CHECKING:
+    from avgn_fast.engine.runtime import ExportedModel
 
 FORMAT = "avgn_fast.checkpoint"
 VERSION = 1
@@ -107,14 +111,12 @@ def _from_payload(payload) -> Checkpoint:
         raise ValueError(f"{len(class_names)} class names for a model with num_classes={config.num_classes}")
     state_dict = payload["state_dict"]
     _check_state_dict(config, state_dict)
-    cost = _checked_cost(payload.get("cost"))
+    _check_cost(payload.get("cost"))
     model = AVGN(config)  # the shapes matched: this allocates no more than the file holds
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:  # a tensor of the right shape and dtype that cannot be copied (e.g. sparse)
         raise ValueError(f"checkpoint does not describe a valid AVGN: {_short(str(e), 200)}") from e
-    if cost is not None:
-        model._cost = cost
     model.eval()
     return Checkpoint(model, class_names, dict(payload.get("metrics", {})), payload.get("train_state"))
 
@@ -163,15 +165,18 @@ def _check_state_dict(config: AVGNConfig, state_dict: dict) -> None:
         raise ValueError(f"non-finite (NaN or inf) weights in {_listing(broken)}")
 
 
-def _checked_cost(cost: dict | None) -> Cost | None:
-    """The saved ``Cost``, if any; ValueError unless it is two finite GMAC counts ≥ 0."""
+def _check_cost(cost: dict | None) -> None:
+    """ValueError unless the saved cost, if any, is two finite GMAC counts ≥ 0.
+
+    The saved cost is a record of the model's cost when it was written; a loaded model counts its
+    own (``AVGN.cost``), so every figure comes from the one component table.
+    """
     if cost is None:
-        return None
+        return
     values = [cost.get(name) for name in ("per_video", "per_step")]
     if set(cost) != {"per_video", "per_step"} or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"cost must be {{'per_video': GMACs, 'per_step': GMACs}} (finite, ≥ 0), got {_short(cost)}")
-    return Cost(*(float(v) for v in values))
 
 
 def _listing(items: Sequence, limit: int = 3) -> str:
@@ -275,8 +280,14 @@ def init_from_checkpoint(model: AVGN, class_names: Sequence[str], path, *, loade
                     [n for n in ckpt.class_names if n not in set(class_names)])
 
 
-def load(path) -> AVGN:
-    """The model of a checkpoint file (CPU, eval mode), with ``class_names`` and ``metrics`` attributes."""
+def load(path) -> AVGN | ExportedModel:
+    """What ``path`` holds, ready to classify: the model of a checkpoint file (CPU, eval mode), with
+    ``class_names`` and ``metrics`` attributes; or, for a folder written by ``avgn-fast export``, its
+    stages (``engine.runtime.ExportedModel``: the same attributes, used where the model is)."""
+    from avgn_fast.engine.runtime import is_exported, load_exported
+
+    if is_exported(path):
+        return load_exported(path)
     ckpt = load_checkpoint(path)
     ckpt.model.class_names = ckpt.class_names
     ckpt.model.metrics = ckpt.metrics

@@ -9,13 +9,14 @@ import pytest
 import torch
 from tolerances import tol
 
+from avgn_fast.checkpoint import save_checkpoint
 from avgn_fast.cli import main as cli_main
 from avgn_fast.config import AVGNConfig
 from avgn_fast.engine.export import export, stage_examples
 from avgn_fast.models.avgn import AVGN
 
 TINY = AVGNConfig.from_name("tiny")
-STAGES = ["glance", "avtest", "aespa", "local", "head", "step_head"]
+STAGES = ["glance", "avtest", "aespa", "crop", "local", "head", "step_head"]
 BATCH = 2
 
 
@@ -50,7 +51,11 @@ def test_every_stage_exports_with_a_dynamic_batch_and_matches_eager(model, examp
     manifest = export(model, "exported-program", tmp_path, batch_size=BATCH, class_names=list("abcdefgh"))
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
     assert manifest["dynamic_batch"] and manifest["class_names"] == list("abcdefgh")
-    assert any("crop" in note for note in manifest["notes"])
+    cost = model.cost()
+    assert manifest["k"] == TINY.k and manifest["cost"] == {"per_video": cost.per_video, "per_step": cost.per_step}
+    # early exit crops the videos still in, one step at a time: its rows and steps are dynamic apart from the videos
+    assert [i["dynamic"] for i in manifest["stages"]["crop"]["inputs"]] == [
+        {"0": "videos"}, {"0": "rows"}, {"0": "rows", "1": "steps"}, {"0": "rows", "1": "steps"}]
     for name in STAGES:
         entry = manifest["stages"][name]
         assert [i["name"] for i in entry["inputs"]] == list(stages[name].inputs)
@@ -71,7 +76,7 @@ def test_every_stage_exports_with_a_dynamic_batch_and_matches_eager(model, examp
 def test_cli_exports_onnx_that_onnxruntime_runs_like_eager(model, examples, tmp_path):
     stages, args, want = examples
     checkpoint = tmp_path / "model.pt"
-    model.save(checkpoint, class_names=[f"c{i}" for i in range(TINY.num_classes)])
+    save_checkpoint(checkpoint, model, class_names=[f"c{i}" for i in range(TINY.num_classes)])
     out = tmp_path / "onnx"
     code = cli_main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out),
                      "--batch-size", str(BATCH), "--device", "cpu"])
@@ -94,7 +99,7 @@ def test_cli_exports_onnx_that_onnxruntime_runs_like_eager(model, examples, tmp_
 @pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None, reason="torch_tensorrt is installed")
 def test_tensorrt_export_without_tensorrt_is_a_clear_error(model, tmp_path, capsys):
     checkpoint = tmp_path / "model.pt"
-    model.save(checkpoint, class_names=[f"c{i}" for i in range(TINY.num_classes)])
+    save_checkpoint(checkpoint, model, class_names=[f"c{i}" for i in range(TINY.num_classes)])
     assert cli_main(["export", "--checkpoint", str(checkpoint), "--format", "tensorrt", "--out", str(tmp_path / "t"),
                      "--device", "cpu"]) == 2
     assert "torch_tensorrt is not installed" in capsys.readouterr().err
