@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from avgn_fast import pareto
+# avgn_fast.pareto's defaults, spelled here so that --help does not import torch (tests/test_api.py checks
+# that they agree)
+KS = (1, 2, 4, 8, 16)
+THRESHOLDS = 4
+QUICK_THRESHOLDS = 2
 
 
 def _ints(text: str) -> list[int]:
@@ -34,11 +38,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val-split", default="val",
                         help="split the early-exit thresholds are calibrated on ('none': no thresholds); default: val")
     parser.add_argument("--quick", action="store_true",
-                        help=f"{pareto.QUICK_THRESHOLDS} thresholds per checkpoint and no patch / glance sizes")
-    parser.add_argument("--ks", default=",".join(map(str, pareto.KS)),
+                        help=f"{QUICK_THRESHOLDS} thresholds per checkpoint and no patch / glance sizes")
+    parser.add_argument("--ks", default=",".join(map(str, KS)),
                         help="steps K swept (those above a checkpoint's own K are left out); default: 1,2,4,8,16")
-    parser.add_argument("--thresholds", type=int, default=pareto.THRESHOLDS,
-                        help=f"early-exit thresholds per checkpoint; default: {pareto.THRESHOLDS}")
+    parser.add_argument("--thresholds", type=int, default=THRESHOLDS,
+                        help=f"early-exit thresholds per checkpoint; default: {THRESHOLDS}")
     parser.add_argument("--patch-sizes", default="auto",
                         help="patch sizes P swept, e.g. 96,160; 'auto' = P·3/4 and P·5/4, 'none'; default: auto")
     parser.add_argument("--glance-sizes", default="auto",
@@ -57,10 +61,12 @@ def add_arguments(parser) -> None:
 
 
 def main(checkpoint, data, out, baseline: Sequence[str] = (), split: str = "test", val_split: str | None = "val",
-         quick: bool = False, ks: str = ",".join(map(str, pareto.KS)), thresholds: int = pareto.THRESHOLDS,
+         quick: bool = False, ks: str = ",".join(map(str, KS)), thresholds: int = THRESHOLDS,
          patch_sizes: str = "auto", glance_sizes: str = "auto", batch_size: int = 32, cache_dir=None,
          device: str = "auto", backend: str = "eager", precision: str = "auto", allow_outside: bool = False,
          progress: bool = True) -> int:
+    from avgn_fast import pareto
+
     if batch_size < 1 or thresholds < 0:
         raise ValueError(f"need batch_size ≥ 1 and thresholds ≥ 0; got {batch_size=} {thresholds=}")
     if quick:
