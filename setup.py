@@ -19,6 +19,8 @@ setup(
     # torch is deliberately unpinned: on a CPU machine install the CPU wheel first (see README),
     # so this requirement is already met and pip never fetches a CUDA build.
     install_requires=["torch>=2.4", "triton>=3.2", "numpy", "av<19", "fvcore", "tqdm", "matplotlib"],
-    extras_require={"dev": DEV, "tensorrt": ["torch-tensorrt"]},
-    entry_points={"console_scripts": ["avgn-fast=avgn_fast.cli:main"]},
+    extras_require={"dev": DEV, "tensorrt": ["torch-tensorrt"], "ray": ["ray[data]"]},
+    # the console script enters outside the package, so that --help does not import torch (avgn_fast_cli.py)
+    py_modules=["avgn_fast_cli"],
+    entry_points={"console_scripts": ["avgn-fast=avgn_fast_cli:main"]},
 )

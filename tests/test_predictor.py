@@ -6,7 +6,7 @@ import pytest
 import torch
 from media import write_audio_only, write_truncated, write_video
 
-from avgn_fast.checkpoint import load
+from avgn_fast.checkpoint import load, save_checkpoint
 from avgn_fast.cli import main as cli_main
 from avgn_fast.config import AVGNConfig
 from avgn_fast.data.decode import decode_clip_for
@@ -23,7 +23,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = AVGN(CONFIG).eval()
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    model.save(path, class_names=CLASS_NAMES, metrics={"note": "random weights"})
+    save_checkpoint(path, model, class_names=CLASS_NAMES, metrics={"note": "random weights"})
     return path
 
 

@@ -6,12 +6,16 @@ import contextlib
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
+
+from avgn_fast.commands.options import add_engine_arguments, add_inference_arguments
 
 
 def add_arguments(p) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH_OR_DIR", help="video files, or folders searched recursively")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file written by `avgn-fast train`")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file written by `avgn-fast train`, or a folder written by `avgn-fast export`")
     p.add_argument("--jsonl", default=None,
                    help="write one JSON object per input, in input order, to this file (replaced at the end; never "
                         "one of the inputs)")
@@ -19,11 +23,7 @@ def add_arguments(p) -> None:
     p.add_argument("--explain", default=None, metavar="DIR",
                    help="write one PNG per video: kept frames with their patch boxes and the saliency timeline "
                         "(refused if a PNG of the same name exists)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
-    p.add_argument("--backend", default="eager",
-                   help="eager (default), inductor (torch.compile), tensorrt, or auto (TensorRT, else inductor on "
-                        "CUDA, else eager)")
+    add_engine_arguments(p)
     p.add_argument("--devices", default=None, metavar="LIST",
                    help="shard over one worker process per device, e.g. 0,1 or cpu,cpu (overrides --device)")
     p.add_argument("--decode", default="auto", help="decode backend: auto (DALI with a GPU), pyav, dali")
@@ -35,36 +35,70 @@ def add_arguments(p) -> None:
     p.add_argument("--keyframes-only", action="store_true",
                    help="fast mode for long files: show the model the keyframe nearest to each sampled time and "
                         "decode keyframes only (frames differ from the default sampling)")
-    p.add_argument("--k", type=int, default=None, help="frames to look at closely (default: the checkpoint's)")
-    p.add_argument("--exit-threshold", type=float, default=None,
-                   help="early-exit confidence threshold (default: the checkpoint's)")
+    add_inference_arguments(p)
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",
+                   help="run on a Ray cluster (Ray Data): decode in CPU tasks, the model in an actor pool; inputs "
+                        "may be URIs (s3://, gs://, file://). auto (the default value): this machine's cluster, else "
+                        "a new local one; or a cluster address. Needs `pip install avgn_fast[ray]`")
+    p.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="with --ray: model actors (default: one per GPU of the cluster, else 1)")
+    p.add_argument("--out-parquet", default=None, metavar="DIR",
+                   help="with --ray: write the prediction rows as Parquet files into DIR (a new or empty folder, "
+                        "or a URI) through Ray's writer; rows carry their input's index")
 
 
 def main(paths, checkpoint, jsonl=None, topk=5, explain=None, device="auto", precision="auto", decode="auto",
-         batch_size=16, workers=None, k=None, exit_threshold=None, backend="eager", devices=None,
-         max_pixels=None, keyframes_only=False) -> int:
+         batch_size=16, workers=None, k=None, exit_threshold="checkpoint", backend="eager", devices=None,
+         max_pixels=None, keyframes_only=False, ray=None, ray_actors=None, out_parquet=None) -> int:
     """Classify ``paths``; returns 1 when every input failed, else 0.
 
     Outputs are checked before the model loads (``check_outputs``). JSONL rows go to a temporary file
     beside ``jsonl``, flushed per row and renamed onto it at the end, also when the run stops early
     (Ctrl-C, an error): ``jsonl`` then holds the whole rows written so far, never a partial one.
+    With ``ray`` the same rows come from a Ray cluster (``engine.distributed``), in input order.
     """
-    from tqdm import tqdm
-
+    from avgn_fast.config import parse_exit_threshold
     from avgn_fast.engine.predictor import Predictor, expand_inputs
 
-    inputs = expand_inputs(paths)
+    if isinstance(exit_threshold, str):
+        exit_threshold = parse_exit_threshold(exit_threshold, "--exit-threshold")
+    if ray is None:
+        if out_parquet is not None or ray_actors is not None:
+            raise ValueError("--out-parquet and --ray-actors need --ray")
+        inputs = expand_inputs(paths)
+    else:
+        from avgn_fast.engine.distributed import expand_sources
+
+        check_ray_options(explain=explain, devices=devices, decode=decode, workers=workers)
+        inputs = expand_sources(paths)
     if not inputs:
         raise ValueError(f"no video files found in {', '.join(map(str, paths))}")
     check_outputs(inputs, jsonl, explain)
-    predictor = Predictor(checkpoint, device=device, precision=precision, decode_backend=decode,
-                          batch_size=batch_size, num_workers=workers, topk=topk, k=k, exit_threshold=exit_threshold,
-                          backend=backend, devices=devices, max_pixels=max_pixels, keyframes_only=keyframes_only)
+    if out_parquet is not None:
+        check_parquet_output(out_parquet)
+    settings = dict(precision=precision, batch_size=batch_size, topk=topk, k=k, exit_threshold=exit_threshold,
+                    backend=backend, max_pixels=max_pixels, keyframes_only=keyframes_only)
+    if ray is not None:
+        return _predict_on_ray(ray, inputs, checkpoint, device, ray_actors, jsonl, out_parquet, settings)
+    predictor = Predictor(checkpoint, device=device, decode_backend=decode, num_workers=workers, devices=devices,
+                          **settings)
+    return write_predictions(predictor.predict_iter(inputs, explain_dir=explain), len(inputs), jsonl, explain)
+
+
+def write_predictions(predictions, total: int, jsonl: str | None, explain: str | None = None, *,
+                      progress: bool = True, start: float | None = None) -> int:
+    """Write each Prediction to ``jsonl`` (``LineWriter``) and one line per video to stdout; a summary at the end.
+
+    Returns 1 when every input failed, else 0. ``progress`` shows a progress bar; the summary's rate
+    counts from ``start`` (a ``time.perf_counter()`` value; default: now).
+    """
+    from tqdm import tqdm
+
     done = failed = 0
+    start = time.perf_counter() if start is None else start
     try:
         with LineWriter(jsonl) if jsonl else contextlib.nullcontext() as out:
-            bar = tqdm(predictor.predict_iter(inputs, explain_dir=explain), total=len(inputs), unit="video",
-                       desc="predict", file=sys.stderr)
+            bar = tqdm(predictions, total=total, unit="video", desc="predict", file=sys.stderr, disable=not progress)
             for pred in bar:
                 if out:
                     out.write(pred.to_json())
@@ -76,11 +110,67 @@ def main(paths, checkpoint, jsonl=None, topk=5, explain=None, device="auto", pre
                     failed += 1
                     bar.write(f"{pred.path}\tERROR\t{pred.error}")
     finally:
-        print(f"{done - failed} of {len(inputs)} videos classified, {failed} failed"
-              + (f", stopped after {done}" if done < len(inputs) else "")
+        print(summary(done, failed, total, time.perf_counter() - start)
               + (f"; results in {jsonl}" if jsonl else "") + (f"; explanations in {explain}" if explain else ""),
               file=sys.stderr)
-    return 1 if failed == len(inputs) else 0
+    return 1 if failed == total else 0
+
+
+def summary(done: int, failed: int, total: int, seconds: float) -> str:
+    """The run's one summary line: videos classified and failed, and videos per second."""
+    return (f"{done - failed} of {total} videos classified, {failed} failed"
+            + (f", stopped after {done}" if done < total else "") + f", {done / max(seconds, 1e-9):.1f} videos/s")
+
+
+def _predict_on_ray(address: str, inputs: list[str], checkpoint, device: str, actors: int | None,
+                    jsonl: str | None, out_parquet: str | None, settings: dict) -> int:
+    """``main`` on a Ray cluster: JSONL (and stderr lines) in input order, and/or Parquet through Ray's writer."""
+    import ray
+
+    from avgn_fast.engine.distributed import connect, count_parquet, iter_predictions, predict_dataset
+
+    gpus = {"auto": None, "cpu": 0}.get(device, 1)
+    started = connect(address)
+    try:
+        ds = predict_dataset(inputs, checkpoint, num_actors=actors, gpus_per_actor=gpus, **settings)
+        start = time.perf_counter()  # the dataset runs from here on (Ray shows its own progress bars)
+        if out_parquet is None:
+            return write_predictions(iter_predictions(ds), len(inputs), jsonl, progress=False, start=start)
+        if jsonl is not None:
+            ds = ds.materialize()  # run once, write twice
+        ds.write_parquet(out_parquet)
+        if jsonl is not None:
+            return write_predictions(iter_predictions(ds), len(inputs), jsonl, progress=False, start=start)
+        rows, failed = count_parquet(out_parquet)
+        print(summary(rows, failed, len(inputs), time.perf_counter() - start) + f"; Parquet in {out_parquet}",
+              file=sys.stderr)
+        return 1 if failed == len(inputs) else 0
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def check_ray_options(*, explain, devices, decode, workers) -> None:
+    """Refuse, as usage errors, the options the Ray path does not take."""
+    unsupported = [flag for flag, value in (("--explain", explain), ("--devices", devices), ("--workers", workers))
+                   if value is not None]
+    if decode not in ("auto", "pyav"):
+        unsupported.append(f"--decode {decode}")
+    if unsupported:
+        raise ValueError(f"--ray does not take {', '.join(unsupported)} (decode runs as PyAV CPU tasks, placed by "
+                         "Ray; explanations are drawn without --ray)")
+
+
+def check_parquet_output(folder: str) -> None:
+    """Raise ValueError unless ``folder`` (a path or URI) is a new or empty folder, so no old Parquet file mixes in."""
+    import pyarrow.fs as pafs
+
+    fs, inner = pafs.FileSystem.from_uri(folder if "://" in folder else os.path.abspath(folder))
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.File:
+        raise ValueError(f"--out-parquet {folder} is an existing file; name a new or empty folder")
+    if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(inner)):
+        raise ValueError(f"--out-parquet {folder} is a folder that is not empty; name a new or empty folder")
 
 
 def check_outputs(inputs: list[str], jsonl: str | None, explain: str | None) -> None:

@@ -1,7 +1,8 @@
 """One worker process per device: chunks of inputs go round the workers, predictions come back in input order.
 
-``Predictor(..., devices=[0, 1])`` uses this. Each worker builds its own single-device Predictor
-(same settings) and decodes and classifies whole chunks of ``batch_size`` inputs; the parent
+``Predictor(..., devices=[0, 1])`` uses this. Each worker builds its own ``BatchPredictor`` on its
+device (``engine.batch``, same settings) and decodes and classifies whole chunks of ``batch_size``
+inputs with it; the parent
 hands out chunks in turn, keeps at most two per worker in flight, and yields predictions in
 input order. Workers start with ``spawn`` (CUDA cannot be forked) and stop when the iteration ends.
 """
@@ -46,13 +47,13 @@ def portable_model(model_or_checkpoint):
 
 
 def _worker(device: str, source, settings: dict, threads: int, inbox, outbox) -> None:
-    """Worker body: build a Predictor on ``device``, then answer (start, chunk, explain_dir) until None."""
-    from avgn_fast.engine.predictor import Predictor
+    """Worker body: build a BatchPredictor on ``device``, then answer (start, chunk, explain_dir) until None."""
+    from avgn_fast.engine.batch import BatchPredictor
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        predictor = Predictor(source, device=device, **settings)
+        predict = BatchPredictor(source, device=device, **settings)
     except Exception as e:  # reported to the parent, which raises it
         outbox.put(("error", None, f"{device}: {type(e).__name__}: {e}"))
         return
@@ -60,8 +61,7 @@ def _worker(device: str, source, settings: dict, threads: int, inbox, outbox) ->
     while (job := inbox.get()) is not None:
         start, chunk, explain_dir = job
         try:
-            predictions = predictor._classify(*predictor._decode_chunk(start, chunk), explain_dir)
-            outbox.put(("done", start, predictions))
+            outbox.put(("done", start, predict(chunk, start=start, explain_dir=explain_dir)))
         except Exception:
             outbox.put(("error", start, f"{device}: {traceback.format_exc()}"))
 
@@ -78,7 +78,7 @@ class DevicePool:
         self.threads = max(1, (os.cpu_count() or 1) // cpus) if cpus else 0
 
     def predict_iter(self, items: Iterable, explain_dir=None) -> Iterator:
-        from avgn_fast.engine.predictor import _chunked
+        from avgn_fast.engine.batch import chunked
 
         ctx = mp.get_context("spawn")
         outbox = ctx.Queue()
@@ -91,7 +91,7 @@ class DevicePool:
             for _ in workers:
                 self._receive(outbox, workers, expect="ready")
             log.info("DevicePool: %d workers on %s", len(workers), ", ".join(self.devices))
-            chunks = _chunked(items, self.batch_size)
+            chunks = chunked(items, self.batch_size)
             done: dict[int, list] = {}
             order: list[int] = []  # chunk starts in input order, handed out but not yet yielded
             for i, (start, chunk) in enumerate(chunks):
