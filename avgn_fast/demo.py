@@ -6,12 +6,15 @@ interrupted one resumes from its ``last.pt``). Layout::
 
     avgn_runs/cache/                  decoded clips, shared by every size
     avgn_runs/<size>/avsynth/         videos/, labels.csv, README.md
-    avgn_runs/<size>/runs/<method>/   best.pt, last.pt (with the per-epoch history)
-    avgn_runs/<size>/pareto/          pareto.csv, pareto.json, pareto.md, pareto.png
+    avgn_runs/<size>/runs/<method>/   best.pt, last.pt (with the per-epoch history and the run's summary)
+    avgn_runs/<size>/runs/<method>-seed<i>/   the same method trained with seed i (``seeds`` > 1)
+    avgn_runs/<size>/pareto/          pareto.csv, pareto.json, pareto.md, pareto.png, curves.png (validation)
 
-On a CPU the four trainings run in two processes of one torch thread each. Sizes were planned from
-speeds measured on 2 shared CPU cores (see ``SIZES``): the full demo within 20 minutes, ``quick``
-within 3.
+Every method trains the same way: until its validation top-1 plateaus (``DemoSize.patience``, at most
+``DemoSize.epochs`` joint epochs), or a fixed count where the size says so (``quick``). With several
+seeds, the table and the plot give each method's mean ± std. On a CPU the trainings run in two
+processes of one torch thread each. ``quick`` checks the plumbing in about 3 minutes on 2 cores: too
+little data and training for its accuracies to mean anything, and its table and plot say so.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ METHODS = (
     ("visual-only", ("audio=false",)),
     ("uniform-centre", ("temporal=uniform", "spatial=center", "audio=false")),
     ("dense", ("dense=true", "audio=false")),
+    ("audio-only", ("visual=false",)),
 )
 # training processes take the dearest runs first (measured ms per video and joint epoch, one thread:
 # AVGN ~104 plus ~23 per audio warm-up epoch, dense ~104, visual-only ~80, uniform+centre ~41)
-DEAREST_FIRST = ("avgn", "dense", "visual-only", "uniform-centre")
+DEAREST_FIRST = ("avgn", "dense", "visual-only", "uniform-centre", "audio-only")
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class DemoSize:
     train: int  # AVSynth videos per split
     val: int
     test: int
-    epochs: int  # joint epochs (TrainSettings.epochs)
+    epochs: int  # joint epochs (TrainSettings.epochs): the cap when stopping at the plateau
     audio_warmup_epochs: int = 3
     look_epochs: int = 3
     batch_size: int = 16
@@ -58,6 +62,8 @@ class DemoSize:
     sizes: bool = True  # sweep other patch / glance sizes
     overrides: tuple[str, ...] = ()  # config fields changed from ``tiny`` (FIELD=VALUE)
     seed: int = 0
+    patience: int | None = None  # TrainSettings.patience: stop at the plateau; None: exactly ``epochs``
+    caveat: str = ""  # heads the table and the plot (a size too small for its accuracy to mean anything)
 
     def __post_init__(self):
         if min(self.train, self.val, self.test, self.epochs, self.batch_size) < 1:
@@ -72,13 +78,15 @@ class DemoSize:
         return AVGNConfig.from_name("tiny").with_overrides(list(self.overrides))
 
 
-# Full is AVSynth's default split. Measured on 2 cores, one torch thread per process (2026-11-26):
-# writing 0.13 s and decoding 0.04 s per video (a --quick run: 1.5 min in all), training the four
-# methods in two processes 19 min (AVGN 11 min of it), the sweep 3.4 min: about 30 min from scratch.
+# Full is AVSynth's default split, every method trained to its plateau (at most 30 joint epochs). Measured on
+# 2 cores, one torch thread per process (2026-11-26): writing 0.13 s and decoding 0.04 s per video, one joint
+# epoch of the four visual methods in two processes ~2.4 min, the sweep 3.4 min.
 SIZES = {
-    "full": DemoSize("full", train=1100, val=200, test=500, epochs=8),
+    "full": DemoSize("full", train=1100, val=200, test=500, epochs=30, patience=4),
     "quick": DemoSize("quick", train=100, val=25, test=50, epochs=2, audio_warmup_epochs=1, look_epochs=1,
-                      thresholds=pareto.QUICK_THRESHOLDS, sizes=False),
+                      thresholds=pareto.QUICK_THRESHOLDS, sizes=False,
+                      caveat="Plumbing check (--quick): too few videos and epochs for these accuracies to mean "
+                      "anything; the full demo measures the curve"),
 }
 
 
@@ -90,15 +98,17 @@ class DemoResult:
     paths: dict[str, Path]
     written: int  # AVSynth videos written by this run
     decoded: int  # files decoded by this run
-    trained: list[str] = field(default_factory=list)  # methods trained or resumed by this run
+    trained: list[str] = field(default_factory=list)  # runs trained or resumed by this run
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
+    runs: list[dict] = field(default_factory=list)  # per training run: method, seed, folder, ``run_summary``
 
 
 @dataclass(frozen=True)
 class _TrainJob:
     """One method to train (picklable: it may run in a worker process)."""
 
-    slug: str
+    slug: str  # the run folder's name: the method's, with ``-seed<i>`` for the seeds after the first
+    method: str  # the method's slug in ``METHODS``
     config: AVGNConfig
     run_dir: Path
     data: Path
@@ -118,27 +128,39 @@ def _total_epochs(config: AVGNConfig, settings: TrainSettings) -> int:
     return len(settings.stages(config))
 
 
-def _epochs_done(run_dir: Path, config: AVGNConfig, settings: TrainSettings) -> int:
-    """Epochs an earlier run of ``config`` finished in ``run_dir`` (0 when there is none to continue).
-
-    A run with another recipe (any setting but the number of joint epochs) is not continued.
+def _progress(run_dir: Path, config: AVGNConfig, settings: TrainSettings) -> tuple[int, bool]:
+    """(epochs an earlier run of ``config`` finished in ``run_dir``, whether it is complete): complete once it has
+    run every epoch of its stages or its validation curve has plateaued. (0, False) when there is none to
+    continue; a run with another recipe (any setting but the number of joint epochs) is not continued.
     """
     from avgn_fast.checkpoint import load_checkpoint
+    from avgn_fast.training.runs import plateaued
 
     last = run_dir / "last.pt"
     if not last.is_file():
-        return 0
+        return 0, False
     try:
         state = load_checkpoint(last)
     except ValueError:  # a damaged file: train again
-        return 0
+        return 0, False
     if state.model.config != config or state.train_state is None:
-        return 0
+        return 0, False
     recipe = {k: v for k, v in settings.as_dict().items() if k != "epochs"}
     saved = {k: v for k, v in state.train_state.get("settings", {}).items() if k != "epochs"}
     if saved != recipe:
-        return 0
-    return len(state.train_state["history"])
+        return 0, False
+    history = state.train_state["history"]
+    curve = [record["val_top1"] for record in history if "val_top1" in record]
+    stopped = settings.patience is not None and plateaued(curve, settings.patience)
+    return len(history), stopped or len(history) >= _total_epochs(config, settings)
+
+
+def _run_record(run_dir: Path, method: str, seed: int) -> dict:
+    """A finished run's method, seed and folder with its ``run_summary`` (from its last.pt)."""
+    from avgn_fast.checkpoint import load_checkpoint
+
+    summary = load_checkpoint(run_dir / "last.pt").train_state.get("summary", {})
+    return {"method": method, "seed": seed, "run": str(run_dir), **summary}
 
 
 def _load_split(data: Path, config: AVGNConfig, split: str, cache_dir: Path, progress: bool = False):
@@ -197,7 +219,7 @@ def _train_parallel(jobs: list[_TrainJob], *, workers: int, threads: int | None,
 
     context = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP state
     channel = context.Queue()
-    remaining = sum(_total_epochs(job.config, job.settings) - job.done for job in jobs)
+    remaining = sum(_total_epochs(job.config, job.settings) - job.done for job in jobs)  # at most: plateaus stop
     with tqdm(total=remaining, desc=f"train ({workers} processes)", unit="epoch", disable=not progress) as bar, \
             ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                 initargs=(channel, threads)) as pool:
@@ -207,10 +229,10 @@ def _train_parallel(jobs: list[_TrainJob], *, workers: int, threads: int | None,
                     slug, line = channel.get(timeout=timeout)
                 except queues.Empty:
                     return
-                bar.update()
+                bar.update(line.startswith("epoch="))
                 (bar.write if progress else log)(f"  {slug}: {line}")
 
-        order = sorted(jobs, key=lambda job: DEAREST_FIRST.index(job.slug))
+        order = sorted(jobs, key=lambda job: DEAREST_FIRST.index(job.method))
         pending = {pool.submit(_train_in_worker, job) for job in order}
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -221,19 +243,24 @@ def _train_parallel(jobs: list[_TrainJob], *, workers: int, threads: int | None,
 
 
 def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str = "auto", threads: int | None = 1,
-             workers: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
-    """Synthesize AVSynth, train every method of ``METHODS``, sweep them, write the Pareto files.
+             workers: int | None = None, seeds: int = 1, progress: bool = True,
+             log: Callable[[str], None] = print) -> DemoResult:
+    """Synthesize AVSynth, train every method of ``METHODS`` with ``seeds`` seeds each, sweep them, write the
+    Pareto files (several seeds: mean ± std per method and setting).
 
     ``threads``: torch CPU threads per process (None keeps torch's setting; one is fastest for the tiny
     models and does not fight other work for shared cores). ``workers``: training processes (default:
     two on a CPU with at least two cores, else one; one trains in this process with a bar per epoch).
     """
+    import dataclasses
     import os
 
     from avgn_fast.data import synth
     from avgn_fast.engine.predictor import resolve_device
     from avgn_fast.training.trainer import TrainSettings
 
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     root = Path(out)
     here = root / size.name
     dev = resolve_device(device)
@@ -261,45 +288,58 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
         seconds["decode"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        checkpoints, jobs = [], []
-        settings = TrainSettings(epochs=size.epochs, audio_warmup_epochs=size.audio_warmup_epochs,
-                                 look_epochs=size.look_epochs, batch_size=size.batch_size, seed=size.seed)
-        for slug, overrides in METHODS:
-            config = base.with_overrides(list(overrides)).replace(num_classes=len(classes))
-            run_dir = here / "runs" / slug
-            checkpoints.append(run_dir / "best.pt")
-            done, total = _epochs_done(run_dir, config, settings), _total_epochs(config, settings)
-            if done >= total and (run_dir / "best.pt").is_file():
-                log(f"demo: {slug}: reusing {run_dir / 'best.pt'}")
-                continue
-            log(f"demo: training {slug} ({pareto.method_name(config)}), {total} epochs on {len(sources['train'])} "
-                f"videos" + (f", resuming after epoch {done}" if done else ""))
-            jobs.append(_TrainJob(slug, config, run_dir, data, root / "cache", settings, tuple(classes), done,
-                                  str(dev)))
+        checkpoints, run_seeds, runs, jobs = [], [], [], []
+        # no augmentation: AVSynth's glyphs are oriented lines that a mirror turns into another class, and the
+        # demo's splits are decoded once at T frames; the augmented recipe has not been measured on AVSynth yet
+        recipe = TrainSettings(epochs=size.epochs, audio_warmup_epochs=size.audio_warmup_epochs,
+                               look_epochs=size.look_epochs, batch_size=size.batch_size, seed=size.seed,
+                               patience=size.patience).without_augmentation()
+        for index in range(seeds):
+            settings = dataclasses.replace(recipe, seed=size.seed + index)
+            for method, overrides in METHODS:
+                slug = method if index == 0 else f"{method}-seed{index}"
+                config = base.with_overrides(list(overrides)).replace(num_classes=len(classes))
+                run_dir = here / "runs" / slug
+                checkpoints.append(run_dir / "best.pt")
+                run_seeds.append(settings.seed)
+                runs.append((run_dir, method, settings.seed))
+                done, complete = _progress(run_dir, config, settings)
+                if complete and (run_dir / "best.pt").is_file():
+                    log(f"demo: {slug}: reusing {run_dir / 'best.pt'}")
+                    continue
+                total = _total_epochs(config, settings)
+                stop = f"until validation plateaus, at most {total}" if settings.patience else str(total)
+                log(f"demo: training {slug} ({pareto.method_name(config)}, seed {settings.seed}), {stop} epochs on "
+                    f"{len(sources['train'])} videos" + (f", resuming after epoch {done}" if done else ""))
+                jobs.append(_TrainJob(slug, method, config, run_dir, data, root / "cache", settings, tuple(classes),
+                                      done, str(dev)))
         if min(workers, len(jobs)) > 1:
             _train_parallel(jobs, workers=min(workers, len(jobs)), threads=threads, progress=progress, log=log)
         else:
             for job in jobs:
                 _train(job, sources, progress, lambda line, s=job.slug: log(f"  {s}: {line}"))
         trained = [job.slug for job in jobs]
+        records = [_run_record(run_dir, method, seed) for run_dir, method, seed in runs]
         seconds["train"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         result = pareto.sweep(checkpoints, data, cache_dir=root / "cache", thresholds=size.thresholds,
                               patch_sizes="auto" if size.sizes else (), glance_sizes="auto" if size.sizes else (),
-                              device=str(dev), progress=progress, log=log)
+                              device=str(dev), progress=progress, log=log, seeds=run_seeds)
+        result.caveat = size.caveat
         decoded += result.decoded
         paths = pareto.write_all(result, here / "pareto")
+        paths["curves"] = write_curves(records, here / "pareto" / "curves.png", caveat=size.caveat)
         seconds["sweep"] = time.perf_counter() - clock
     finally:
         torch.set_num_threads(previous_threads)
-    return DemoResult(result, paths, written, decoded, trained, seconds)
+    return DemoResult(result, paths, written, decoded, trained, seconds, records)
 
 
 def summary(demo: DemoResult) -> str:
     """The table, the notes, the phase times and the paths written, as the demo command prints them."""
     result = demo.result
-    lines = [pareto.markdown_table(result), ""]
+    lines = [pareto.markdown_table(result), "", training_table(demo.runs), ""]
     lines += [f"note: {note}" for note in result.notes]
     phases = ", ".join(f"{name} {s:.0f} s" for name, s in demo.seconds.items())
     lines.append(f"{result.device}, {result.backend} {result.precision}, {result.date}: {phases} "
@@ -310,3 +350,45 @@ def summary(demo: DemoResult) -> str:
     lines += [f"  checkpoint  {path}" for path in dict.fromkeys(p.checkpoint for p in result.points)]
     lines += [f"  {kind:<11} {path}" for kind, path in demo.paths.items()]
     return "\n".join(lines)
+
+
+def training_table(runs: list[dict]) -> str:
+    """One row per training run: method, seed, epochs (joint ones), how it stopped, best validation top-1 and
+    its epoch, wall time."""
+    lines = ["| run | seed | epochs (joint) | stopped | best val top-1 % (epoch) | wall s |",
+             "|---|---:|---:|---|---:|---:|"]
+    for r in runs:
+        curve = r.get("val_top1") or []
+        best = f"{100 * max(curve):.2f} ({r['best_epoch']})" if curve else "-"
+        lines.append(f"| {Path(r['run']).name} | {r['seed']} | {r.get('epochs', '-')} ({r.get('joint_epochs', '-')}) | "
+                     f"{r.get('stopped', '-')} | {best} | {r.get('wall_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def write_curves(runs: list[dict], path, *, caveat: str = "") -> Path:
+    """Validation top-1 after each joint epoch of every training run (``run_summary``'s curve), one line per run,
+    its best epoch marked: whether each method reached its plateau can be seen."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    for r in runs:
+        curve = [100 * v for v in r.get("val_top1") or []]
+        if not curve:
+            continue
+        color = f"C{methods.index(r['method']) % 10}"
+        label = f"{r['method']} (seed {r['seed']}, {r.get('stopped', '?')})"
+        ax.plot(range(1, len(curve) + 1), curve, "-o", color=color, markersize=3, label=label)
+        best = max(range(len(curve)), key=lambda i: (curve[i], -i))
+        ax.plot([best + 1], [curve[best]], "*", color=color, markersize=12)
+    ax.set_xlabel("joint epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title((f"{caveat}\n" if caveat else "") + "Validation curves (★ best epoch, kept as best.pt)", fontsize=10)
+    fig.savefig(path, dpi=120)
+    return Path(path)

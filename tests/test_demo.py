@@ -38,10 +38,11 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     slugs = [slug for slug, _ in demo.METHODS]
     assert first.written == 12 and first.trained == slugs
     assert first.decoded == 12  # every video once: train and val for training, test for the sweep
-    assert sorted(first.paths) == ["csv", "json", "md", "png"]
+    assert sorted(first.paths) == ["csv", "curves", "json", "md", "png"]
     assert all(path.is_file() and path.parent == here / "pareto" for path in first.paths.values())
     result = first.result
-    assert result.methods == ["AVGN", "visual-only glance", "uniform+centre", "dense"]
+    assert result.methods == ["AVGN", "visual-only glance", "uniform+centre", "dense", "audio-only"]
+    assert not pareto.seeded(result) and result.caveat == ""
     for slug, overrides in demo.METHODS:
         ckpt = load_checkpoint(here / "runs" / slug / "best.pt")
         assert ckpt.model.config == TINY.config().with_overrides(list(overrides)).replace(num_classes=8)
@@ -54,7 +55,10 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     assert pareto.read_json(first.paths["json"]).points == result.points
     assert first.paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = demo.summary(first)
-    assert pareto.markdown_table(result) in text
+    assert pareto.markdown_table(result) in text and demo.training_table(first.runs) in text
+    assert [(r["method"], r["seed"], r["epochs"], r["stopped"]) for r in first.runs] == [
+        (slug, 0, demo._total_epochs(load_checkpoint(here / "runs" / slug / "best.pt").model.config, _settings(1)),
+         "epochs") for slug in slugs]
     assert all(str(path) in text for path in first.paths.values())
     assert str(here / "runs" / "dense" / "best.pt") in text and str(here / "avsynth") in text
 
@@ -69,12 +73,17 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     # the same checkpoints on the same clips: the same accuracy and cost (only the timing is new)
     assert [(p.top1, p.gflops) for p in second.result.points] == [(p.top1, p.gflops) for p in result.points]
 
-    # more epochs: every run resumes from its last.pt instead of starting over
+    # more epochs and a second seed: every first-seed run resumes from its last.pt, the second seed's start
     lines.clear()
-    resumed = demo.run_demo(tmp_path, size=dataclasses.replace(TINY, epochs=2), device="cpu", workers=1,
+    resumed = demo.run_demo(tmp_path, size=dataclasses.replace(TINY, epochs=2), device="cpu", workers=1, seeds=2,
                             progress=False, log=lines.append)
-    assert (resumed.written, resumed.decoded, resumed.trained) == (0, 0, slugs)
+    second_seed = [f"{slug}-seed1" for slug in slugs]
+    assert (resumed.written, resumed.decoded, resumed.trained) == (0, 0, slugs + second_seed)
     assert sum(line.startswith("demo: training") and "resuming" in line for line in lines) == len(slugs)
+    assert {p.seed for p in resumed.result.points} == {0, 1} and resumed.result.methods == result.methods
+    assert pareto.seeded(resumed.result) and " ± " in demo.summary(resumed)
+    for slug in second_seed:
+        assert load_checkpoint(here / "runs" / slug / "last.pt").train_state["settings"]["seed"] == 1
     for slug in slugs:
         ckpt = load_checkpoint(here / "runs" / slug / "last.pt")
         total = demo._total_epochs(ckpt.model.config, _settings(2))
@@ -87,5 +96,8 @@ def test_demo_command_line():
     assert set(demo.SIZES) == {"full", "quick"}
     full, quick = demo.SIZES["full"], demo.SIZES["quick"]
     assert quick.videos < full.videos and quick.epochs <= full.epochs and not quick.sizes
+    assert full.patience and quick.caveat.startswith("Plumbing check") and not full.caveat
+    args = vars(build_parser().parse_args(["demo", "--seeds", "3"]))
+    assert (args["seeds"], args["quick"]) == (3, False)
     with pytest.raises(ValueError, match="bad demo size"):
         demo.DemoSize("x", train=2, val=0, test=1, epochs=1)

@@ -205,3 +205,53 @@ def test_pareto_errors_are_clear(trained, tmp_path):
         pareto.sweep([tmp_path / "missing.pt"], data, cache_dir=tmp_path)
     assert cli_main(["pareto", "--checkpoint", str(root / "avgn" / "best.pt"), "--data", str(data), "--out",
                      str(tmp_path), "--batch-size", "0"]) == 2
+
+
+def _point(method, seed, top1, gflops, videos_per_s, *, tau=None, checkpoint=None, k=2):
+    setting = f"K={k}" + (f" τ={tau:.4g}" if tau is not None else "")
+    return pareto.ParetoPoint(method, checkpoint or f"{method}-{seed}.pt", setting, k, tau, 48, 32, top1, top1 / 2,
+                              gflops, 1.0 if tau is not None else float(k), 10, videos_per_s, seed=seed)
+
+
+def test_seed_aggregation_against_a_hand_computation():
+    points = [
+        _point("AVGN", 0, 0.80, 0.06, 100.0), _point("AVGN", 1, 0.90, 0.06, 120.0),
+        _point("AVGN", 2, 0.70, 0.06, 110.0),
+        # each seed's checkpoint has thresholds of its own: they pair up by rank
+        _point("AVGN", 0, 0.50, 0.03, 200.0, tau=0.7), _point("AVGN", 0, 0.60, 0.04, 180.0, tau=0.9),
+        _point("AVGN", 1, 0.40, 0.02, 210.0, tau=0.6), _point("AVGN", 1, 0.70, 0.05, 170.0, tau=0.95),
+        _point("dense", 0, 0.30, 0.40, 20.0),
+    ]
+    rows = {(r.method, r.setting): r for r in pareto.seed_rows(points)}
+    assert list(rows) == [("AVGN", "K=2"), ("AVGN", "K=2 τ#1"), ("AVGN", "K=2 τ#2"), ("dense", "K=2")]
+    plain = rows[("AVGN", "K=2")]
+    # top-1 mean 0.8, sample std sqrt((0² + 0.1² + 0.1²) / 2) = 0.1; videos/s mean 110, std 10
+    assert plain.seeds == 3 and plain.top1 == pytest.approx((0.8, 0.1))
+    assert plain.videos_per_s == pytest.approx((110, 10))
+    assert plain.gflops == pytest.approx((0.06, 0.0))
+    low = rows[("AVGN", "K=2 τ#1")]  # 0.5 and 0.4: mean 0.45, std sqrt(2 · 0.05² / 1) = 0.0707
+    assert low.seeds == 2 and low.top1 == pytest.approx((0.45, 0.0707107), abs=1e-6)
+    assert low.gflops == pytest.approx((0.025, 0.0070711), abs=1e-6)
+    assert rows[("dense", "K=2")].top1 == (0.3, 0.0)  # one seed: no spread
+    assert pareto.mean_std([2.0, 4.0, 9.0]) == pytest.approx((5.0, 13 ** 0.5))
+    # frontier of the means: dense (0.40, 0.30) is dominated by AVGN K=2 (0.06, 0.80)
+    assert [r.frontier for r in rows.values()] == [True, True, True, False]
+
+
+def test_seeded_table_plot_and_caveat(tmp_path):
+    points = [_point("AVGN", s, 0.8 + 0.05 * s, 0.06, 100.0 + s) for s in range(2)] + [
+        _point("dense", s, 0.3, 0.4, 20.0) for s in range(2)]
+    frontier = pareto.pareto_frontier([(p.gflops, p.top1) for p in points])
+    points = [pareto.ParetoPoint(**{**vars(p), "frontier": f}) for p, f in zip(points, frontier)]
+    result = pareto.ParetoResult(points, data="somewhere/avsynth", split="test", device="CPU", backend="eager",
+                                 precision="fp32", date="2026-11-29T12:00:00", versions={},
+                                 caveat="Plumbing check: no accuracy claim")
+    assert pareto.seeded(result)
+    table = pareto.markdown_table(result)
+    assert table.startswith("**Plumbing check: no accuracy claim**")
+    assert "| AVGN | K=2 | 2 | 82.50 ± 3.54 |" in table and "| dense | K=2 | 2 | 30.00 ± 0.00 |" in table
+    paths = pareto.write_all(result, tmp_path)
+    assert pareto.read_json(paths["json"]).caveat == result.caveat
+    assert pareto.read_csv(paths["csv"]) == points  # the seeds survive the round trip
+    image = matplotlib.image.imread(paths["png"])
+    assert image.shape[1] > 1.8 * image.shape[0]  # two panels side by side: GFLOPs and videos/s

@@ -29,6 +29,7 @@ from avgn_fast.training.losses import (
     instance_cross_entropy,
     look_losses,
 )
+from avgn_fast.training.runs import carve_validation, plateaued
 from avgn_fast.training.trainer import _schedule
 
 # AVSynth's smallest layout (8 frames) keeps the training tests fast
@@ -103,7 +104,7 @@ def test_a_few_steps_lower_the_loss(synth):
 
 
 @pytest.mark.parametrize("switch", [{"audio": False}, {"temporal": "uniform"}, {"spatial": "random"},
-                                    {"dense": True}])
+                                    {"dense": True}, {"visual": False}])
 def test_every_baseline_trains(synth, switch):
     torch.manual_seed(0)
     model = AVGN(SMALL.replace(**switch))
@@ -114,7 +115,23 @@ def test_every_baseline_trains(synth, switch):
     assert ("aux_audio" in out) == (model.audio is not None)
     out["total"].backward()
     trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.any()}
-    assert trained >= {"local", "classifier"} | ({"visual"} if model.visual is not None else set())
+    assert trained >= {"classifier"} | {name for name in ("visual", "local") if getattr(model, name) is not None}
+
+
+def test_audio_only_trains_a_step_with_its_audio_encoder_and_classifier(synth):
+    """``visual=False``: only the audio encoder and the classifier exist, and one ``fit`` epoch moves them."""
+    torch.manual_seed(0)
+    model = AVGN(SMALL.replace(visual=False))
+    assert {name for name, m in model.named_children() if m is not None} == {
+        "audio_norm", "audio", "part_norms", "classifier", "aux_heads"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(epochs=1, audio_warmup_epochs=0, look_epochs=0, batch_size=8, patience=None)
+    result = fit(model, TensorSource.of(synth), TensorSource.of(synth), settings=settings,
+                 class_names=list(synth.class_names))
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed >= {"audio", "classifier"}
+    assert set(result.history[0]) >= {"loss_ordered", "loss_aux_audio", "val_top1"}
+    assert not {"loss_aux_local", "loss_search_mil"} & set(result.history[0])  # no patches to learn from
 
 
 def test_instance_cross_entropy_against_plain_cross_entropy():
@@ -171,6 +188,7 @@ def test_stages_per_switch():
     # no audio teacher: no warm-up, and the look epochs are joint epochs (about the same training time)
     assert settings.stages(SMALL.replace(audio=False)) == ["joint"] * 4
     assert settings.stages(SMALL.replace(dense=True)) == ["audio"] + ["joint"] * 4
+    assert settings.stages(SMALL.replace(visual=False)) == ["audio"] + ["joint"] * 4  # no patches: no look stage
 
 
 def test_learning_rate_ramps_at_each_stage_and_decays_in_the_joint_stage():
@@ -274,13 +292,18 @@ def test_train_and_eval_cli_end_to_end(tmp_path, capsys):
               "--batch-size", "2", "--seed", "1", "--audio-warmup-epochs", "1", "--look-epochs", "0"]
     assert cli_main(["train", *common, "--epochs", "1"]) == 0
     assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
-    history = json.loads((run / "history.json").read_text())
+    run_record = json.loads((run / "history.json").read_text())
+    history = run_record["history"]
     assert len(history) == 2 and 0 <= history[-1]["val_top1"] <= 1
+    assert (run_record["epochs"], run_record["stopped"]) == (2, "epochs")
+    assert run_record["val_top1"] == [history[-1]["val_top1"]]
     model = avgn_fast.load(run / "best.pt")
     assert model.config.num_frames == 8 and model.class_names == sorted(model.class_names)
 
     assert cli_main(["train", *common, "--epochs", "2", "--resume"]) == 0
-    assert len(json.loads((run / "history.json").read_text())) == 3
+    assert len(json.loads((run / "history.json").read_text())["history"]) == 3
+    assert cli_main(["train", *common, "--epochs", "2", "--patience", "2"]) == 2
+    assert "--epochs trains a fixed count" in capsys.readouterr().err
     capsys.readouterr()
 
     ckpt = str(run / "last.pt")
@@ -288,11 +311,13 @@ def test_train_and_eval_cli_end_to_end(tmp_path, capsys):
     full = json.loads(capsys.readouterr().out)
     assert full["videos"] == 2 and 0 <= full["top1"] <= 1 and 0 <= full["mean_ap"] <= 1
     assert full["gflops"] == pytest.approx(model.cost().per_video + 2 * model.cost().per_step)
-    assert cli_main(["eval", "--checkpoint", ckpt, "--data", str(data), "--set", "k=1"]) == 0
+    assert cli_main(["eval", "--checkpoint", ckpt, "--data", str(data), "--k", "1"]) == 0
     line = capsys.readouterr().out
     assert "top-1" in line and "mAP" in line and f"{model.cost().per_video + model.cost().per_step:.4f}" in line
-    assert cli_main(["eval", "--checkpoint", ckpt, "--data", str(data), "--set", "audio=false"]) == 2
-    assert "cannot override audio=False" in capsys.readouterr().err
+    assert cli_main(["eval", "--checkpoint", ckpt, "--data", str(data), "--k", "3"]) == 2
+    assert "k must be in [1, 2]" in capsys.readouterr().err
+    assert cli_main(["eval", "--checkpoint", ckpt, "--data", str(data), "--exit-threshold", "often"]) == 2
+    assert "--exit-threshold must be a probability" in capsys.readouterr().err
     if not torch.cuda.is_available():  # asking for a GPU that is not there fails at once, naming the device
         for command in (["train", *common, "--epochs", "1"], ["eval", "--checkpoint", ckpt, "--data", str(data)]):
             assert cli_main([*command, "--device", "cuda"]) == 2
@@ -308,3 +333,76 @@ def test_train_and_eval_cli_end_to_end(tmp_path, capsys):
     assert avgn_fast.load(tuned / "last.pt").config.num_frames == 8
     assert cli_main(["train", "--data", str(data), "--out", str(tuned), "--init", ckpt, "--set", "k=1"]) == 2
     assert "--init takes the architecture" in capsys.readouterr().err
+
+
+def _stop_epoch(curve: list[float], patience: int, cap: int) -> int:
+    """Joint epochs a run with validation curve ``curve`` trains: the first prefix that has plateaued, else the cap."""
+    return next((n for n in range(1, len(curve) + 1) if plateaued(curve[:n], patience)), cap)
+
+
+def test_plateau_rule_on_hand_made_curves():
+    assert not plateaued([], 1)
+    assert not plateaued([0.4], 1)
+    assert plateaued([0.4, 0.4], 1)  # a tie is no improvement
+    assert not plateaued([0.1, 0.3, 0.5, 0.5], 2) and plateaued([0.1, 0.3, 0.5, 0.5, 0.4], 2)
+    # best 0.6 at the 4th epoch; the 5th-7th do not beat it (0.6 again is a tie): stop after the 7th
+    curve = [0.2, 0.4, 0.4, 0.6, 0.5, 0.55, 0.6, 0.7]
+    assert _stop_epoch(curve, 3, cap=8) == 7
+    assert _stop_epoch(curve, 4, cap=8) == 8  # never plateaus within the cap
+
+
+def test_carve_validation_is_a_deterministic_partition():
+    train, val = carve_validation(20, 0.1, seed=3)
+    assert len(val) == 2 and len(train) == 18
+    assert sorted(train.tolist() + val.tolist()) == list(range(20))
+    again = carve_validation(20, 0.1, seed=3)
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+    assert len(carve_validation(3, 0.01, seed=0)[1]) == 1 and len(carve_validation(3, 0.99, seed=0)[0]) == 1
+    with pytest.raises(ValueError, match="from 1 training video"):
+        carve_validation(1, 0.1, seed=0)
+
+
+def test_fit_stops_at_the_plateau_and_resumes_to_the_same_stop(synth, tmp_path):
+    # a learning rate too small to move the weights: the validation curve flattens at once
+    settings = TrainSettings(epochs=6, audio_warmup_epochs=0, look_epochs=0, batch_size=4, seed=1, patience=1,
+                             lr=1e-9)
+    names = list(synth.class_names)
+    torch.manual_seed(settings.seed)
+    first = fit(AVGN(SMALL), TensorSource.of(synth), TensorSource.of(synth), settings=settings, class_names=names)
+    curve = [h["val_top1"] for h in first.history]
+    assert len(first.history) == _stop_epoch(curve, 1, cap=6) < 6
+    summary = first.summary
+    assert summary["plateaued"] and summary["stopped"] == "plateau" and summary["val_top1"] == curve
+    assert summary["epochs"] == summary["joint_epochs"] == len(curve) and summary["wall_s"] > 0
+    assert summary["best_epoch"] == 1 + max(range(len(curve)), key=lambda i: (curve[i], -i))
+
+    class Interrupted(Exception):
+        """Stands for a kill after the first epoch."""
+
+    def crash(line):
+        raise Interrupted(line)
+
+    torch.manual_seed(settings.seed)
+    with pytest.raises(Interrupted):
+        fit(AVGN(SMALL), TensorSource.of(synth), TensorSource.of(synth), settings=settings, class_names=names,
+            out_dir=tmp_path, log=crash)
+    resumed = fit(AVGN(SMALL), TensorSource.of(synth), TensorSource.of(synth), settings=settings, class_names=names,
+                  out_dir=tmp_path, resume=True)
+    assert resumed.history == first.history and _same_weights(resumed.model, first.model)
+    assert {k: v for k, v in resumed.summary.items() if k != "wall_s"} == {
+        k: v for k, v in summary.items() if k != "wall_s"}
+    # a run that has plateaued trains no further when resumed, even with a higher cap
+    again = fit(AVGN(SMALL), TensorSource.of(synth), TensorSource.of(synth), class_names=names, out_dir=tmp_path,
+                settings=TrainSettings(**{**vars(settings), "epochs": 9}), resume=True)
+    assert again.history == first.history
+
+
+def test_fit_without_validation_holds_out_training_videos(synth):
+    settings = TrainSettings(epochs=1, audio_warmup_epochs=0, look_epochs=0, batch_size=8, seed=2)
+    lines = []
+    torch.manual_seed(0)
+    result = fit(AVGN(SMALL), TensorSource.of(synth), None, settings=settings, class_names=list(synth.class_names),
+                 log=lines.append)
+    assert lines[0] == "no validation split: held out 1 of 8 training videos (seed 2) to find the plateau"
+    assert result.summary["validation"].startswith("held out 1 of 8") and result.history[0]["val_videos"] == 1
+    assert result.summary["stopped"] == "cap" and not result.summary["plateaued"]

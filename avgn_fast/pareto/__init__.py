@@ -17,6 +17,7 @@ from avgn_fast.pareto.calibration import (
     ExitChoice,
     calibrate_thresholds,
     choose_threshold,
+    exit_changes,
     exit_outcome,
     exit_steps_taken,
 )
@@ -34,10 +35,14 @@ from avgn_fast.pareto.report import (
     FILES,
     ParetoPoint,
     ParetoResult,
+    SeedRow,
     markdown_table,
+    mean_std,
     pareto_frontier,
     read_csv,
     read_json,
+    seed_rows,
+    seeded,
     write_all,
     write_csv,
     write_json,
@@ -55,8 +60,9 @@ from avgn_fast.pareto.sweep import (
 
 __all__ = [
     "FILES", "KS", "QUICK_THRESHOLDS", "THRESHOLDS", "ExitChoice", "Knobs", "ParetoPoint", "ParetoResult",
-    "calibrate_thresholds", "choose_threshold", "default_glance_sizes", "default_patch_sizes", "device_description",
-    "exit_engine", "exit_outcome", "exit_steps_taken", "markdown_table", "method_name", "model_variant",
-    "pareto_frontier", "plan", "read_csv", "read_json", "source_batches", "step_probs", "sweep", "write_all",
-    "write_csv", "write_json", "write_markdown", "write_plot",
+    "SeedRow", "calibrate_thresholds", "choose_threshold", "default_glance_sizes", "default_patch_sizes",
+    "device_description", "exit_changes", "exit_engine", "exit_outcome", "exit_steps_taken", "markdown_table",
+    "mean_std", "method_name", "model_variant", "pareto_frontier", "plan", "read_csv", "read_json", "seed_rows",
+    "seeded", "source_batches", "step_probs", "sweep", "write_all", "write_csv", "write_json", "write_markdown",
+    "write_plot",
 ]

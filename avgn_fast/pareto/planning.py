@@ -34,7 +34,10 @@ class Knobs:
 
 
 def method_name(config: AVGNConfig) -> str:
-    """The method a checkpoint trains, from its config switches (AVGN, visual-only glance, uniform+centre, dense)."""
+    """The method a checkpoint trains, from its config switches (AVGN, visual-only glance, uniform+centre, dense,
+    audio-only)."""
+    if not config.visual:
+        return "audio-only"
     if config.dense:
         name = "dense"
     elif config.temporal == "avtest" and config.spatial == "policy":

@@ -154,10 +154,13 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _unique_names(configs: list[AVGNConfig], paths: list[str]) -> list[str]:
+def _unique_names(configs: list[AVGNConfig], paths: list[str], seeds: list[int]) -> list[str]:
+    """Method names, the run folder added where two checkpoints of one method share a seed (runs of one method
+    with different seeds keep its name: they are aggregated)."""
     names = [method_name(c) for c in configs]
-    return [f"{n} ({Path(p).parent.name or Path(p).stem})" if names.count(n) > 1 else n
-            for n, p in zip(names, paths, strict=True)]
+    keys = list(zip(names, seeds, strict=True))
+    return [f"{n} ({Path(p).parent.name or Path(p).stem})" if keys.count(key) > 1 else n
+            for n, p, key in zip(names, paths, keys, strict=True)]
 
 
 def _checkpoint_jobs(model, name: str, path: str, *, ks, thresholds: list[float], patch_sizes, glance_sizes,
@@ -169,8 +172,9 @@ def _checkpoint_jobs(model, name: str, path: str, *, ks, thresholds: list[float]
     cfg = model.config
     sizes_p = default_patch_sizes(cfg) if patch_sizes == "auto" else patch_sizes
     sizes_g = default_glance_sizes(cfg) if glance_sizes == "auto" else glance_sizes
-    if cfg.dense and (sizes_p or sizes_g):
-        notes.append(f"{name}: a dense model has no patch or glance, so P and G are not swept")
+    if (cfg.dense or not cfg.visual) and (sizes_p or sizes_g):
+        kind = "dense" if cfg.dense else "audio-only"
+        notes.append(f"{name}: a {kind} model has no patch or glance, so P and G are not swept")
         sizes_p = sizes_g = ()
     variants, engines, jobs = {(cfg.patch_size, cfg.glance_size): model}, {}, []
     for knobs in plan(cfg, ks=ks, thresholds=thresholds, patch_sizes=sizes_p, glance_sizes=sizes_g):
@@ -191,7 +195,8 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
           ks: Iterable[int] = KS, thresholds: int = THRESHOLDS,
           patch_sizes: str | Iterable[int] = "auto", glance_sizes: str | Iterable[int] = "auto", batch_size: int = 32,
           device: str = "auto", backend: str = "eager", precision: str = "auto", progress: bool = True,
-          log: Callable[[str], None] = print, allow_outside: bool = False) -> ParetoResult:
+          log: Callable[[str], None] = print, allow_outside: bool = False,
+          seeds: Sequence[int] | None = None) -> ParetoResult:
     """Measure every knob setting of every checkpoint on ``split`` of the folder dataset ``data``.
 
     ``thresholds`` early-exit thresholds per checkpoint are calibrated on ``val_split`` (none without
@@ -201,6 +206,8 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
     ``avgn_fast.engine.early_exit.GlanceEngine``), so videos that exit early leave the batch; compile and
     warm-up time is kept out of videos/s. Decoded clips are cached in ``cache_dir`` so each video is
     decoded once. ``allow_outside`` accepts labels.csv paths outside ``data`` (see ``read_labels``).
+    ``seeds``: each checkpoint's training seed (default all 0), carried by its points; runs of one method with
+    different seeds share its name, and the table and plot give their mean ± std (``seed_rows``).
     """
 
     from avgn_fast.checkpoint import load_checkpoint
@@ -221,7 +228,10 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
     glance_sizes = glance_sizes if glance_sizes == "auto" else tuple(glance_sizes)
     ckpts = [load_checkpoint(path) for path in checkpoints]
     paths = [str(path) for path in checkpoints]
-    names = _unique_names([c.model.config for c in ckpts], paths)
+    seeds = [0] * len(paths) if seeds is None else list(seeds)
+    if len(seeds) != len(paths):
+        raise ValueError(f"{len(seeds)} seeds given for {len(paths)} checkpoints")
+    names = _unique_names([c.model.config for c in ckpts], paths, seeds)
     rows = read_labels(data, allow_outside=allow_outside)
     calibrate = thresholds > 0 and val_split is not None and any(e.split == val_split for e in rows)
     notes = [] if calibrate or thresholds < 1 else [f"no {val_split!r} split in {data}: no early-exit thresholds"]
@@ -260,7 +270,7 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
         _sync(dev)
         warmup += time.perf_counter() - begin
         _run_split(jobs, test, batch_size=batch_size, device=dev, progress=progress)
-        points += [job.point() for job in jobs]
+        points += [{**job.point(), "seed": seeds[paths.index(job.checkpoint)]} for job in jobs]
     frontier = pareto_frontier([(p["gflops"], p["top1"]) for p in points])
     return ParetoResult([ParetoPoint(**p, frontier=f) for p, f in zip(points, frontier, strict=True)],
                         data=str(data), split=split, device=device_description(dev),

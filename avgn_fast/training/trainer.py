@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from avgn_fast.checkpoint import class_name_differences, config_differences, load_checkpoint, save_checkpoint
-from avgn_fast.config import AVGNConfig
-from avgn_fast.models.avgn import AVGN
+from avgn_fast.checkpoint import load_checkpoint, save_checkpoint
+from avgn_fast.config import FROM_CHECKPOINT, AVGNConfig
+from avgn_fast.engine.early_exit import GlanceEngine
+from avgn_fast.models.avgn import AVGN, GlanceResult
 from avgn_fast.training.losses import LossWeights, audio_warmup_losses, avgn_losses, look_losses
+from avgn_fast.training.runs import SubsetSource, carve_validation, plateaued, resume_run, run_summary
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,20 @@ class TrainSettings:
     cosine. Each top-level part (encoders, AV-TeST, AESPA, classifier, heads) has its gradient norm
     clipped to ``grad_clip`` on its own, so a spike in one part's losses does not shrink the
     others' steps.
+
+    Augmentation: the fields from ``temporal_density`` to ``gain_db`` are those of
+    ``avgn_fast.data.augment.Augmentation`` (``augmentation()``), applied to training batches on the
+    fly (``TrainingSource``), never to validation, eval or predict. A training decode keeps
+    ``temporal_density * T`` frames per video.
+
+    Stopping: with ``patience`` (the default), ``epochs`` is a cap: after each joint epoch the
+    validation top-1 is measured and the run stops once ``patience`` joint epochs in a row have not
+    beaten the best one (``plateaued``); the cosine still spans the cap. Without a validation split,
+    ``fit`` holds out ``val_fraction`` of the training videos (``carve_validation``). ``patience=None``
+    trains exactly ``epochs`` joint epochs.
     """
 
-    epochs: int = 8
+    epochs: int = 30
     audio_warmup_epochs: int = 3
     look_epochs: int = 3
     batch_size: int = 16
@@ -43,13 +57,43 @@ class TrainSettings:
     lr_warmup_epochs: float = 0.5
     grad_clip: float = 5.0
     seed: int = 0
+    temporal_density: int = 2
+    crop_min_scale: float = 0.5
+    crop_max_ratio: float = 4 / 3
+    flip: bool = True
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    time_mask: float = 0.2
+    freq_mask: float = 0.15
+    gain_db: float = 6.0
     losses: LossWeights = field(default_factory=LossWeights)
+    # stopping at the plateau (see above); None: exactly ``epochs`` joint epochs
+    patience: int | None = 4
+    val_fraction: float = 0.1  # training videos held out for validation when no validation split is given
 
     def __post_init__(self):
         if (self.epochs < 1 or self.audio_warmup_epochs < 0 or self.look_epochs < 0 or self.batch_size < 1
                 or self.lr <= 0):
             raise ValueError(f"bad settings: {self.epochs=} {self.audio_warmup_epochs=} {self.look_epochs=} "
                              f"{self.batch_size=} {self.lr=}")
+        if self.patience is not None and (isinstance(self.patience, bool) or self.patience < 1):
+            raise ValueError(f"patience must be None or an int ≥ 1, got {self.patience!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        self.augmentation()  # checks its fields
+
+    def augmentation(self):
+        """The ``Augmentation`` of these settings (imported here: eval and predict never load the module)."""
+        from avgn_fast.data.augment import Augmentation
+
+        return Augmentation(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Augmentation)})
+
+    def without_augmentation(self) -> TrainSettings:
+        """These settings with every augmentation off (``Augmentation.off``): training sees the clips as decoded."""
+        from avgn_fast.data.augment import Augmentation
+
+        return dataclasses.replace(self, **dataclasses.asdict(Augmentation.off()))
 
     def as_dict(self) -> dict:
         """Plain values (the loss weights nested), as saved in checkpoints and compared on resume."""
@@ -58,11 +102,11 @@ class TrainSettings:
     def stages(self, config: AVGNConfig) -> list[str]:
         """The stage of every epoch ("audio", "look", "joint") for a model of ``config``.
 
-        Without audio there is no warm-up; without audio or without patches (dense) the look
-        epochs are joint epochs.
+        Without audio there is no warm-up; without audio, without a glance (dense) or without patches
+        (audio-only) the look epochs are joint epochs.
         """
         audio = ["audio"] * self.audio_warmup_epochs if config.audio else []
-        look = "look" if config.audio and not config.dense else "joint"
+        look = "look" if config.audio and config.visual and not config.dense else "joint"
         return audio + [look] * self.look_epochs + ["joint"] * self.epochs
 
 
@@ -107,6 +151,35 @@ class FolderSource:
                 torch.tensor([c.audio_present for c in clips], dtype=torch.bool))
 
 
+class TrainingSource:
+    """What ``fit`` reads: batches of another source with T frames per video, on ``device``.
+
+    The source may hold more frames per video than the model's T (a denser training decode). With an
+    ``augmentation``, every batch is augmented on the fly (``augment_batch``, T frames sampled at
+    random) from a generator seeded by one draw of torch's global RNG, which training seeds and
+    checkpoints, so a run stays a pure function of its seed and resumes exactly. Without one
+    (validation), the T segment centres are taken and nothing is random.
+    """
+
+    def __init__(self, source, augmentation, num_frames: int, device):
+        self.source, self.augmentation, self.num_frames, self.device = source, augmentation, num_frames, device
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batch(self, index: torch.Tensor):
+        """(frames, mel, labels, audio_present) of the videos at ``index``, on ``device``."""
+        from avgn_fast.data import augment  # here: eval and predict never load it
+
+        frames, mel, labels, present = (t.to(self.device) for t in self.source.batch(index))
+        if self.augmentation is None:
+            frames, mel = augment.centre_frames(frames, mel, self.num_frames)
+        else:
+            generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+            frames, mel = augment.augment_batch(frames, mel, present, self.augmentation, self.num_frames, generator)
+        return frames, mel, labels, present
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Top-1 accuracy and mAP (in [0, 1]) and mean GMACs per video, over ``videos`` videos."""
@@ -134,33 +207,46 @@ def mean_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def evaluate(model: AVGN, source, *, batch_size: int = 32, k: int | None = None,
-             exit_threshold: float | None = None, progress: bool = False) -> EvalResult:
-    """``model.glance`` over every video of ``source`` (a ``TensorSource``/``FolderSource``), on the model's device."""
+             exit_threshold: float | None | str = FROM_CHECKPOINT, backend: str = "eager", precision: str = "auto",
+             progress: bool = False) -> EvalResult:
+    """Every video of ``source`` (a ``TensorSource``/``FolderSource``) through a ``GlanceEngine`` on the model's
+    device, as ``predict`` runs it: ``k`` and ``exit_threshold`` as in ``InferenceSettings``, ``backend`` and
+    ``precision`` as in ``GlanceEngine``. The model's training mode is restored afterwards."""
     was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    probs, labels, gflops = [], [], []
-    starts = range(0, len(source), batch_size)
-    for start in tqdm(starts, desc="eval", unit="batch", disable=not progress):
-        frames, mel, y, present = source.batch(torch.arange(start, min(start + batch_size, len(source))))
-        result = model.glance(frames.to(device), mel.to(device), audio_present=present.to(device), k=k,
-                              exit_threshold=exit_threshold)
-        probs.append(result.final_logits.float().softmax(-1).cpu())
-        labels.append(y)
-        gflops.append(result.gflops.cpu())
-    model.train(was_training)
+    try:
+        engine = GlanceEngine(model, backend=backend, precision=precision, max_batch=batch_size, k=k)
+        probs, labels, gflops = [], [], []
+        for result, y in engine_results(engine, source, batch_size=batch_size, exit_threshold=exit_threshold,
+                                        progress=progress):
+            probs.append(result.final_logits.float().softmax(-1).cpu())
+            labels.append(y)
+            gflops.append(result.gflops.cpu())
+    finally:
+        model.train(was_training)
     probs, labels, gflops = torch.cat(probs), torch.cat(labels), torch.cat(gflops)
     top1 = float((probs.argmax(-1) == labels).float().mean())
     return EvalResult(top1, mean_average_precision(probs, labels), float(gflops.mean()), len(labels))
 
 
+def engine_results(engine, source, *, batch_size: int, exit_threshold: float | None | str = FROM_CHECKPOINT,
+                   progress: bool = False, desc: str = "eval") -> Iterator[tuple[GlanceResult, torch.Tensor]]:
+    """(GlanceResult, labels) for each batch of ``batch_size`` videos of ``source``, in order, on ``engine``."""
+    for start in tqdm(range(0, len(source), batch_size), desc=desc, unit="batch", disable=not progress):
+        frames, mel, labels, present = source.batch(torch.arange(start, min(start + batch_size, len(source))))
+        device = engine.device
+        yield engine(frames.to(device), mel.to(device, torch.float32), present.to(device),
+                     exit_threshold=exit_threshold), labels
+
+
 @dataclass
 class TrainResult:
-    """The trained model (best validation epoch if validated, else last) and one metrics dict per epoch."""
+    """The trained model (best validation epoch if validated, else last), one metrics dict per epoch, the best
+    epoch's, and the run's ``summary`` (``run_summary``: epochs, wall time, plateau, validation curve)."""
 
     model: AVGN
     history: list[dict]
     best: dict | None
+    summary: dict = field(default_factory=dict)
 
 
 def _schedule(settings: TrainSettings, steps_per_epoch: int, stages: list[str]) -> Callable[[int], float]:
@@ -185,47 +271,45 @@ def _schedule(settings: TrainSettings, steps_per_epoch: int, stages: list[str]) 
 
 def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, out_dir=None, resume: bool = False,
         progress: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train ``model`` on ``train`` (a source), validating on ``val`` after each epoch.
+    """Train ``model`` on ``train`` (a source), validating on ``val`` after each joint epoch, until the validation
+    top-1 plateaus or the cap is reached (``TrainSettings``: ``patience``, ``epochs``).
 
-    With ``out_dir``, writes ``last.pt`` (resumable: optimizer, schedule, RNG and history) and
-    ``best.pt`` (best validation top-1) after every epoch; ``resume`` continues from ``last.pt``.
-    The run is a pure function of ``settings.seed`` (batch order per epoch, random patches).
+    Without ``val`` and with ``patience``, ``settings.val_fraction`` of ``train`` is held out for validation
+    (``carve_validation``, seeded by ``settings.seed``; said in the log). With ``out_dir``, writes ``last.pt``
+    (resumable: optimizer, schedule, RNG, history, per-epoch seconds) and ``best.pt`` (best validation top-1)
+    after every epoch; ``resume`` continues from ``last.pt`` (a run that had plateaued trains no further).
+    The run is a pure function of ``settings.seed`` (held-out videos, batch order per epoch, random patches).
     """
+    say = log or (lambda line: None)
     out_dir = None if out_dir is None else Path(out_dir)
+    validation = "validation split" if val is not None else "none"
+    if val is None and settings.patience is not None:
+        kept, held = carve_validation(len(train), settings.val_fraction, settings.seed)
+        train, val = SubsetSource(train, kept), SubsetSource(train, held)
+        validation = f"held out {len(held)} of {len(kept) + len(held)} training videos (seed {settings.seed})"
+        say(f"no validation split: {validation} to find the plateau")
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     stages = settings.stages(model.config)
     total_epochs = len(stages)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, steps_per_epoch, stages))
     parts = [part for part in model.children() if any(p.requires_grad for p in part.parameters())]
-    history, best, best_state, start_epoch = [], None, None, 0
+    history, seconds, best, best_state, start_epoch = [], [], None, None, 0
     if resume:
-        last = None if out_dir is None else out_dir / "last.pt"
-        if last is None or not last.is_file():
-            raise FileNotFoundError(f"cannot resume: no last.pt in {out_dir}")
-        state = load_checkpoint(last)
-        saved = state.train_state or {}
-        missing = {"optimizer", "scheduler", "rng", "history", "best"} - saved.keys()
-        if not isinstance(saved.get("settings"), dict):
-            missing.add("settings")
-        if missing:
-            raise ValueError(f"{last}: no training state to resume from (lacks {', '.join(sorted(missing))})")
-        # more joint epochs extend a run; any other change would make it a different run
-        differ = config_differences(state.model.config.to_dict(), model.config.to_dict())
-        differ += [f"settings.{d}" for d in config_differences(state.train_state["settings"], settings.as_dict(),
-                                                                skip=("epochs",))]
-        differ += class_name_differences(state.class_names, [str(name) for name in class_names])
-        if differ:
-            raise ValueError(f"{last}: cannot resume, the saved run differs from this one: {'; '.join(differ)}")
-        model.load_state_dict(state.model.state_dict())
-        optimizer.load_state_dict(state.train_state["optimizer"])
-        scheduler.load_state_dict(state.train_state["scheduler"])
-        torch.set_rng_state(state.train_state["rng"])
-        history, best = state.train_state["history"], state.train_state["best"]
+        history, seconds, best = resume_run(model, optimizer, scheduler, out_dir, settings, class_names)
         start_epoch = len(history)
     device = next(model.parameters()).device
+    train = TrainingSource(train, settings.augmentation(), model.config.num_frames, device)
+    val = None if val is None else TrainingSource(val, None, model.config.num_frames, device)
+
+    def stop() -> bool:  # the validation curve so far has plateaued
+        curve = [record["val_top1"] for record in history if "val_top1" in record]
+        return settings.patience is not None and plateaued(curve, settings.patience)
 
     for epoch in range(start_epoch, total_epochs):
+        if stop():
+            break
+        clock = time.perf_counter()
         model.train()
         stage = stages[epoch]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch))
@@ -251,27 +335,34 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
         record = {"epoch": epoch + 1, "stage": stage, "train_top1": correct / len(train),
                   **{f"loss_{name}": value / len(train) for name, value in sums.items()}}
         if val is not None and stage == "joint":
-            record.update({f"val_{name}": value for name, value in evaluate(model, val).as_dict().items()})
+            # fp32 on any device: the validation numbers that choose the best epoch do not depend on the GPU
+            metrics = evaluate(model, val, precision="fp32").as_dict()
+            record.update({f"val_{name}": value for name, value in metrics.items()})
         history.append(record)
+        seconds.append(time.perf_counter() - clock)  # kept beside the history, which stays a pure function of seed
         improved = stage == "joint" and (best is None or val is None or record["val_top1"] > best["val_top1"])
         if improved:
             best = record
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if out_dir is not None:
             train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "rng": torch.get_rng_state(), "history": history, "best": best,
-                           "settings": settings.as_dict()}
+                           "rng": torch.get_rng_state(), "history": history, "best": best, "seconds": seconds,
+                           "settings": settings.as_dict(),
+                           "summary": run_summary(history, seconds, settings, validation)}
             save_checkpoint(out_dir / "last.pt", model, class_names=class_names, metrics=record,
                             train_state=train_state)
             if improved:
                 save_checkpoint(out_dir / "best.pt", model, class_names=class_names, metrics=record)
-        if log is not None:
-            log("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        say("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    summary = run_summary(history, seconds, settings, validation)
+    if summary["plateaued"]:
+        say(f"validation top-1 plateaued: no gain in {settings.patience} joint epochs after epoch "
+            f"{summary['best_epoch']}; stopped after epoch {len(history)}")
     if best_state is None and out_dir is not None and (out_dir / "best.pt").is_file():
         best_state = load_checkpoint(out_dir / "best.pt").model.state_dict()  # best epoch came before a resume
     if best_state is not None:
         model.load_state_dict(best_state)
-    return TrainResult(model, history, best)
+    return TrainResult(model, history, best, summary)
 
 
 def train_model(config: AVGNConfig, train_batch, val_batch=None, epochs: int = TrainSettings.epochs, *,
@@ -279,8 +370,9 @@ def train_model(config: AVGNConfig, train_batch, val_batch=None, epochs: int = T
                 log: Callable[[str], None] | None = None, **overrides) -> TrainResult:
     """Build an AVGN for ``config`` and train it on in-memory videos (e.g. ``generate_tensors`` output).
 
-    ``train_batch``/``val_batch``: ``SynthBatch``-like objects or ``TensorSource``; ``epochs`` and
-    ``overrides`` replace fields of ``settings`` (``batch_size=16, lr=1e-3, seed=1``...).
+    ``train_batch``/``val_batch``: ``SynthBatch``-like objects or ``TensorSource``; ``epochs`` (joint epochs:
+    the cap while ``settings.patience`` stops at the plateau) and ``overrides`` replace fields of ``settings``
+    (``batch_size=16, lr=1e-3, seed=1, patience=None``...).
     """
     settings = dataclasses.replace(settings or TrainSettings(), epochs=epochs, **overrides)
     torch.manual_seed(settings.seed)
