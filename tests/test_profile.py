@@ -102,8 +102,8 @@ def test_cli_profile_on_decoded_videos(tmp_path, capsys):
     for i in range(2):
         write_video(data / f"v{i}.mp4", size=(96, 128), fps=8, seconds=1.0, seed=i)
     out = tmp_path / "p.csv"
-    code = cli_main(["profile", "--config", "tiny", "--set", "k=2", "--batch-sizes", "3", "--data", str(data),
-                     "--csv", str(out), "--iters", "1", "--warmup", "1", "--device", "cpu", "--precisions", "fp32",
+    code = cli_main(["profile", "--config", "tiny", "--set", "k=2", "--batch-size", "3", "--data", str(data),
+                     "--csv", str(out), "--iters", "1", "--warmup", "1", "--device", "cpu", "--precision", "fp32",
                      "--plot", str(tmp_path / "stages.png")])
     assert code == 0 and (tmp_path / "stages.png").stat().st_size > 0
     printed = capsys.readouterr().out
@@ -111,4 +111,4 @@ def test_cli_profile_on_decoded_videos(tmp_path, capsys):
     with out.open(newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert row["batch"] == "3" and float(row["decode_ms"]) > 0 and row["precision"] == "fp32"
-    assert cli_main(["profile", "--config", "tiny", "--backends", "tensorrt", "--device", "cpu"]) == 2
+    assert cli_main(["profile", "--config", "tiny", "--backend", "tensorrt", "--device", "cpu"]) == 2

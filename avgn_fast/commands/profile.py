@@ -19,11 +19,12 @@ def add_arguments(parser) -> None:
     source.add_argument("--config", default="paper", help="configuration name when no checkpoint (default: paper)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of --config, e.g. --set glance_size=112 (repeatable)")
-    parser.add_argument("--backends", default="eager", help="comma list of eager, inductor, tensorrt, auto "
-                                                             "(default: eager)")
-    parser.add_argument("--precisions", default="auto", help="comma list of fp32, fp16, bf16, auto "
-                                                              "(default: auto = fp16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--batch-sizes", default="1,8", help="comma list of batch sizes (default: 1,8)")
+    # spelled as predict spells them; here each takes a comma list and every combination is measured
+    parser.add_argument("--backend", default="eager", help="comma list of eager, inductor, tensorrt, auto "
+                                                            "(default: eager)")
+    parser.add_argument("--precision", default="auto", help="comma list of fp32, fp16, bf16, auto "
+                                                             "(default: auto = fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--batch-size", default="1,8", help="comma list of batch sizes (default: 1,8)")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="folder of videos to decode and use (default: random decoded clips on the device)")
     parser.add_argument("--compare", action="store_true",
@@ -33,8 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--iters", type=int, default=10, help="timed batches per configuration (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up batches, compile included (default 2)")
-    parser.add_argument("--exit-threshold", type=float, default=None,
-                        help="early-exit threshold (default: the model's)")
+    parser.add_argument("--exit-threshold", default="checkpoint", metavar="TAU",
+                        help="early-exit confidence threshold in [0, 1], 'never' or 'checkpoint' (default: the "
+                             "checkpoint's)")
 
 
 def _split(text: str, cast=str) -> list:
@@ -44,11 +46,11 @@ def _split(text: str, cast=str) -> list:
     return items
 
 
-def main(checkpoint=None, config: str = "paper", set: Sequence[str] = (), backends: str = "eager",
-         precisions: str = "auto", batch_sizes: str = "1,8", data=None, compare: bool = False, csv=None, plot=None,
-         device: str = "auto", iters: int = 10, warmup: int = 2, exit_threshold: float | None = None,
+def main(checkpoint=None, config: str = "paper", set: Sequence[str] = (), backend: str = "eager",
+         precision: str = "auto", batch_size: str = "1,8", data=None, compare: bool = False, csv=None, plot=None,
+         device: str = "auto", iters: int = 10, warmup: int = 2, exit_threshold: str | float | None = "checkpoint",
          progress: bool = True) -> int:
-    from avgn_fast.config import AVGNConfig
+    from avgn_fast.config import AVGNConfig, parse_exit_threshold
     from avgn_fast.engine.predictor import resolve_device
     from avgn_fast.engine.profile import format_table, profile, write_plot
 
@@ -65,10 +67,12 @@ def main(checkpoint=None, config: str = "paper", set: Sequence[str] = (), backen
 
         torch.manual_seed(0)
         model = AVGN(AVGNConfig.from_name(config).with_overrides(list(set))).eval()
-    sizes = _split(batch_sizes, int)
+    if isinstance(exit_threshold, str):
+        exit_threshold = parse_exit_threshold(exit_threshold, "--exit-threshold")
+    sizes = _split(str(batch_size), int)
     if min(sizes) < 1:
         raise ValueError(f"batch sizes must be ≥ 1, got {sizes}")
-    rows = profile(model, backends=_split(backends), precisions=_split(precisions), batch_sizes=sizes, data=data,
+    rows = profile(model, backends=_split(backend), precisions=_split(precision), batch_sizes=sizes, data=data,
                    device=resolve_device(device), iters=iters, warmup=warmup, compare=compare,
                    exit_threshold=exit_threshold, csv=csv, progress=progress)
     print(format_table(rows, compare=compare))
