@@ -28,9 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     spec = importlib.util.find_spec("avgn_fast")
     package = importlib.util.module_from_spec(spec)
     sys.modules["avgn_fast"] = package  # importable, its __init__ not yet run
-    from avgn_fast import cli
+    initialised = []
 
-    return cli.main(argv, before_run=lambda: spec.loader.exec_module(package))
+    def initialise():
+        spec.loader.exec_module(package)
+        initialised.append(True)
+
+    try:
+        from avgn_fast import cli
+
+        return cli.main(argv, before_run=initialise)
+    finally:
+        if not initialised:  # help, a usage error or a failed __init__: a later import must start afresh
+            for name in [m for m in sys.modules if m == "avgn_fast" or m.startswith("avgn_fast.")]:
+                del sys.modules[name]
 
 
 if __name__ == "__main__":

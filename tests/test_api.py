@@ -184,6 +184,22 @@ def test_console_entry_runs_a_command_with_the_package_initialised():
     assert done.stdout.split() == ["tiny", "AVGN", "[]"]
 
 
+def test_console_entry_leaves_no_half_initialised_package_behind():
+    # help and usage errors never run the package's __init__: a later import in the same process must run it
+    done = run_python("""
+        import contextlib, io
+
+        from avgn_fast_cli import main
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["--help"]) == 0
+        import avgn_fast
+
+        print(sorted(set(avgn_fast.__all__) - set(dir(avgn_fast))), callable(avgn_fast.load))
+    """)
+    assert done.stdout.split() == ["[]", "True"]
+
+
 def test_console_entry_reports_usage_errors_in_one_line():
     done = subprocess.run([sys.executable, "-m", "avgn_fast_cli", "flops", "--no-such-flag"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

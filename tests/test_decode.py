@@ -315,3 +315,20 @@ def test_dali_isolates_files_it_cannot_read(media, monkeypatch):
     out = decode_many([media["mjpeg_mono"], small], config, backend="dali", device="cpu", max_pixels=40 * 56 - 1)
     assert isinstance(out[0], DecodeError) and "56x40 = 2,240 pixels exceeds the limit" in str(out[0])
     assert isinstance(out[1], Clip)
+
+
+def test_a_reused_stats_object_gives_each_clip_its_own_notes(tmp_path):
+    wave = np.full((1, 16000), np.nan, dtype=np.float32)
+    wave[:, ::2] = 0.25
+    noisy = write_video(tmp_path / "nan.mkv", codec="ffv1", audio="pcm_f32le", wave=wave, seconds=1.0)
+    clean = write_video(tmp_path / "clean.mp4", seconds=1.0)
+    stats = DecodeStats()
+    first = decode_clip(noisy, num_frames=2, size=32, stats=stats)
+    second = decode_clip(clean, num_frames=2, size=32, stats=stats)
+    assert any("non-finite" in note for note in first.notes) and second.notes == []
+    assert stats.notes == first.notes
+
+
+def test_a_path_of_the_wrong_type_is_that_files_error(media):
+    out = decode_many([None, media["mp4"]], AVGNConfig.from_name("tiny"), backend="pyav")
+    assert isinstance(out[0], DecodeError) and out[0].path == "None" and isinstance(out[1], Clip)

@@ -280,3 +280,9 @@ def test_cli_ray_writes_the_plain_jsonl_and_readable_parquet(cluster, checkpoint
     assert table.schema.equals(distributed.row_schema(with_index=True), check_metadata=False)
     rows = sorted(table.to_pylist(), key=lambda r: r["index"])
     assert [distributed.prediction_from_row(r).to_json() for r in rows] == on_ray.read_text().splitlines()
+
+
+def test_an_exported_folder_is_refused_before_ray_starts(tmp_path):
+    # actors receive the model pickled, and an exported folder's runtime sessions do not pickle
+    with pytest.raises(ValueError, match="exported folder runs through the Predictor"):
+        distributed.predict_dataset(["a.mp4"], tmp_path)

@@ -60,8 +60,10 @@ def decode_file(path, params: DecodeParams, stats: DecodeStats | None = None, *,
     worth it when one process decodes long groups of pictures; callers that decode one file per
     core (the Predictor's workers) keep the default of 1.
     """
-    check_file(path)
-    return _decode(str(path), path, os.path.getsize(path), params, stats, codec_threads)
+    with decoding(path):  # a path of the wrong type is this file's error too
+        check_file(path)
+        size = os.path.getsize(path)
+    return _decode(str(path), path, size, params, stats, codec_threads)
 
 
 def decode_fileobj(name: str, file, params: DecodeParams, stats: DecodeStats | None = None, *,
@@ -109,6 +111,7 @@ def _decode(source, path, size: int, params: DecodeParams, stats: DecodeStats | 
 
 def _decode_open(container, path, params: DecodeParams, stats: DecodeStats, codec_threads: int,
                  size: int) -> Clip:
+    first_note = len(stats.notes)  # a reused stats object keeps earlier files' notes: this clip takes its own
     video = container.streams.best("video")
     if video is None:
         raise DecodeError(path, "no video stream")
@@ -137,7 +140,7 @@ def _decode_open(container, path, params: DecodeParams, stats: DecodeStats, code
                 duration=probe.duration_s, fps=probe.fps, source_size=first.source_size,
                 resize_shorter=params.resize_shorter,
                 frame_times=torch.tensor(times, dtype=torch.float64) - probe.start_s, path=str(path),
-                notes=list(stats.notes))
+                notes=stats.notes[first_note:])
 
 
 class _Frame:

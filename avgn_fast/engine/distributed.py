@@ -74,6 +74,11 @@ def predict_dataset(source, checkpoint, *, batch_size: int = 16, num_actors: int
     if batch_size < 1 or decode_batch < 1 or decode_retries < 0 or decode_cpus <= 0:
         raise ValueError(f"need batch_size ≥ 1, decode_batch ≥ 1, decode_retries ≥ 0, decode_cpus > 0; got "
                          f"{batch_size=} {decode_batch=} {decode_retries=} {decode_cpus=}")
+    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
+        # the model is shipped to the actors by pickling, and an exported folder's sessions (onnxruntime,
+        # TensorRT) do not pickle
+        raise ValueError(f"{checkpoint}: an exported folder runs through the Predictor (predict without --ray); "
+                         "give --ray the checkpoint file")
     model = load(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     gpus = gpus_per_actor if gpus_per_actor is not None else float(ray.cluster_resources().get("GPU", 0) >= 1)
     if num_actors is None:
