@@ -25,13 +25,13 @@ Failures stay per file: a file that fails on the host (missing, over ``max_pixel
 ``MAX_FILE_BYTES`` — the pipeline is handed whole files in memory — or anything PyAV raises) is that
 file's ``DecodeError``, and a batch the pipeline rejects is run again one file at a time.
 
-Pipelines are cached per decode parameters, device, batch size and calling thread, so decode
-threads never share one. DALI and PyAV are imported on first use.
+Pipelines are kept per calling thread (so decode threads never share one) and per decode
+parameters, device and batch size; a pipeline that failed a batch is dropped and built again. DALI
+and PyAV are imported on first use.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
@@ -151,14 +151,14 @@ def _run_robust(items: list[_Prepared], params: DecodeParams, device_id: int | N
     try:
         return _run(items, params, device_id, batch_size)
     except Exception as e:  # DALI reports a bad sample by failing the whole batch (and the pipeline)
-        _pipeline.cache_clear()
+        _forget_pipeline(params, device_id, batch_size)
         if len(items) == 1:
             return [DecodeError(items[0].path, f"DALI: {type(e).__name__}: {e}")]
     return [_run_robust([item], params, device_id, batch_size)[0] for item in items]
 
 
 def _run(items: list[_Prepared], params: DecodeParams, device_id: int | None, batch_size: int) -> list[Clip]:
-    pipe = _pipeline(params, device_id, batch_size, threading.get_ident())
+    pipe = _pipeline(params, device_id, batch_size)
     video, mel = pipe.run(encoded=[p.encoded for p in items], indices=[p.indices for p in items],
                           resize_to=[p.resize_to for p in items], audio=[p.audio for p in items])
     stft = params.stft
@@ -184,9 +184,25 @@ def _run(items: list[_Prepared], params: DecodeParams, device_id: int | None, ba
     return clips
 
 
-@functools.lru_cache(maxsize=8)
-def _pipeline(params: DecodeParams, device_id: int | None, batch_size: int, thread: int):
-    """A built pipeline for these decode parameters (and one calling ``thread``), fed by ``run(**inputs)``."""
+_threads = threading.local()  # each decoding thread's pipelines: a pipeline is never shared between threads
+
+
+def _pipeline(params: DecodeParams, device_id: int | None, batch_size: int):
+    """This thread's pipeline for these decode parameters, device and batch size, built on first use."""
+    pipes = _threads.__dict__.setdefault("pipes", {})
+    key = (params, device_id, batch_size)
+    if key not in pipes:
+        pipes[key] = _build_pipeline(params, device_id, batch_size)
+    return pipes[key]
+
+
+def _forget_pipeline(params: DecodeParams, device_id: int | None, batch_size: int) -> None:
+    """Drop this thread's pipeline after it failed a batch (DALI leaves a failed pipeline unusable)."""
+    _threads.__dict__.get("pipes", {}).pop((params, device_id, batch_size), None)
+
+
+def _build_pipeline(params: DecodeParams, device_id: int | None, batch_size: int):
+    """A built pipeline for these decode parameters, fed by ``run(**inputs)``."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, pipeline_def, types
 

@@ -1,8 +1,9 @@
 """Audio of one PyAV stream as the log-mel front end needs it: mono windows around the sampled times.
 
 Any channel count and sample format: each decoded frame is averaged to mono in float32, non-finite
-samples are zeroed and the rest clipped to [-1, 1] (both reported as notes), and libswresample
-resamples the mono signal to ``sample_rate``, samples placed by timestamp. Windows closer than
+samples are zeroed (noted) and the rest clipped to [-1, 1] (noted when over 1 % of them: lossy codecs
+overshoot a little on clean files), frames are placed by timestamp (a gap is silence, noted), and
+libswresample resamples the mono signal to ``sample_rate``. Windows closer than
 ``_AUDIO_MERGE_GAP_S`` are read in one pass. An audio stream that fails to decode costs the audio,
 not the video: ``read_audio`` returns None with a note.
 """
@@ -20,6 +21,7 @@ from avgn_fast.data.pyav_streams import PacketReader
 
 _AUDIO_PREROLL_S = 0.5  # decoded before each audio read: codec warm-up after a seek (Opus needs 80 ms)
 _AUDIO_MERGE_GAP_S = 2.0  # audio windows closer than this are read in one pass rather than two seeks
+_CLIP_NOTE_FRACTION = 0.01  # clipping is noted when more samples than this fraction were outside [-1, 1]
 _SAMPLE_SCALE = {np.dtype(np.uint8): 1 / 128, np.dtype(np.int16): 1 / 32768, np.dtype(np.int32): 1 / 2 ** 31,
                  np.dtype(np.int64): 1 / 2 ** 63, np.dtype(np.float32): 1.0, np.dtype(np.float64): 1.0}
 
@@ -62,7 +64,7 @@ def audio_segments(reader: PacketReader, stream, centers_s: list[float], params:
             groups[-1].append(i)
     segments = torch.zeros((len(centers_s), params.stft.span), dtype=torch.float32)
     any_audio = False
-    repaired = [0, 0]  # non-finite samples zeroed, samples clipped to [-1, 1]
+    repaired = [0, 0, 0]  # non-finite samples zeroed, samples clipped to [-1, 1], samples read
     for group in groups:
         lo, hi = centers_s[group[0]] - reach, centers_s[group[-1]] + reach
         wave, t0 = _read_audio(reader, stream, lo - _AUDIO_PREROLL_S, hi, sr, stats, repaired)
@@ -73,8 +75,8 @@ def audio_segments(reader: PacketReader, stream, centers_s: list[float], params:
                                           win_ms=params.win_ms, hop_ms=params.hop_ms)
     if repaired[0]:
         stats.notes.append(f"audio: {repaired[0]} non-finite samples zeroed")
-    if repaired[1]:
-        stats.notes.append(f"audio: {repaired[1]} samples outside [-1, 1] clipped")
+    if repaired[1] > _CLIP_NOTE_FRACTION * repaired[2]:  # a lossy codec's few overshooting samples go unnoted
+        stats.notes.append(f"audio: {repaired[1]} of {repaired[2]} samples outside [-1, 1] clipped")
     return segments if any_audio else None
 
 
@@ -84,21 +86,37 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
 
     ``lo`` may be negative: an AAC stream in mp4 starts with a priming packet at a negative pts, and
     a read from 0 would skip it, so the decoder's first frame (~20-60 ms of sound) came out near silent.
-    The decoded frames are averaged to mono one by one and resampled together in one call.
+    The decoded frames are averaged to mono one by one, placed by their timestamps (a gap over 1 ms
+    becomes silence, an overlap is cut, both noted) and resampled together in one call.
     """
     import av
 
-    pieces, first = [], None
+    pieces, first, placed, gaps = [], None, 0, 0
     for frame in reader.frames(stream, math.floor(lo / stream.time_base)):
         stats.audio_frames_decoded += 1
         if frame.time is not None and frame.time > hi:
             break
         if first is None:
             first = frame
-        pieces.append(_mono(frame))
+        samples = _mono(frame)
+        if frame.time is not None and first.time is not None:
+            # placed by timestamp: a gap (a dropped packet, a discontinuity) is silence, an overlap is cut
+            start = round((frame.time - first.time) * first.sample_rate)
+            if abs(start - placed) > first.sample_rate // 1000:  # over 1 ms off: not rounding
+                gaps += 1
+                if start > placed:
+                    pieces.append(np.zeros(start - placed, dtype=np.float32))
+                else:
+                    samples = samples[placed - start:]
+                placed = start
+        pieces.append(samples)
+        placed += len(samples)
     if first is None:
         return None, None
+    if gaps:
+        stats.notes.append(f"audio: {gaps} gaps or overlaps in the timestamps, samples placed by time")
     mono = np.concatenate(pieces)
+    repaired[2] += mono.size
     bad = ~np.isfinite(mono)
     if bad.any():
         repaired[0] += int(bad.sum())
