@@ -4,43 +4,18 @@ import contextlib
 
 import pytest
 import torch
+from random_models import random_model
 from switches import SWITCHES, TINY
 from tolerances import tol
 
 from avgn_fast.engine.early_exit import GlanceEngine, Hook
 from avgn_fast.engine.stages import random_inputs
-from avgn_fast.models.avgn import AVGN
 from avgn_fast.models.classifier import exit_steps
 
 BATCH = 7
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
-
-
-def random_model(config, seed=0):
-    """Random weights with a policy that moves the patch and exit heads confident enough to exit early."""
-    torch.manual_seed(seed)
-    model = AVGN(config).eval()
-    with torch.no_grad():
-        if model.aespa is not None:
-            model.aespa.policy[-1].weight.normal_(0, 0.5)
-            model.aespa.policy[-1].bias.normal_(0, 0.5)
-        for head in model.classifier.heads:
-            head.weight.normal_(0, 0.5)
-    if model.visual is None and model.local is None:
-        # audio-only: at its initial BatchNorm statistics the random audio encoder's features vanish (~1e-9) and
-        # every video looks alike; the statistics of one batch of random clips make them differ
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for m in norms:
-            m.momentum = 1.0
-        _, mel, present = random_inputs(config, 8, seed=9)
-        with torch.no_grad():
-            model.train().encode_audio(mel, present)
-        for m in norms:
-            m.momentum = 0.1
-        model.eval()
-    return model
 
 
 def inputs(config, seed=1):
@@ -82,7 +57,7 @@ def run_both(model, frames, mel, present, threshold, engine=None, hook=None):
 @pytest.mark.parametrize("name", list(SWITCHES))
 def test_early_exit_with_compaction_equals_per_video_glance(name):
     config = TINY.replace(**SWITCHES[name])
-    model = random_model(config)
+    model = random_model(config, exits=True)
     frames, mel, present = inputs(config)
     threshold = spread_threshold(model.glance(frames, mel, audio_present=present).probs)
     counter = LocalRows()
@@ -114,7 +89,7 @@ def test_early_exit_with_compaction_equals_per_video_glance(name):
 @pytest.mark.parametrize("name", ["avgn", "dense"])
 def test_without_threshold_every_step_runs_at_once_and_matches_exactly(name):
     config = TINY.replace(**SWITCHES[name])
-    model = random_model(config)
+    model = random_model(config, exits=True)
     frames, mel, present = inputs(config, seed=2)
     counter = LocalRows()
     ref, got = run_both(model, frames, mel, present, None, hook=counter)
@@ -127,7 +102,7 @@ def test_without_threshold_every_step_runs_at_once_and_matches_exactly(name):
 
 
 def test_threshold_every_video_passes_at_the_first_step_and_k_override():
-    model = random_model(TINY)
+    model = random_model(TINY, exits=True)
     frames, mel, present = inputs(TINY, seed=3)
     engine = GlanceEngine(model, device="cpu", k=2)
     counter = LocalRows()
@@ -142,7 +117,7 @@ def test_threshold_every_video_passes_at_the_first_step_and_k_override():
 def test_bf16_engine_matches_glance_under_autocast():
     # visual-only: the attention reference's masked fill overflows bf16 under CPU autocast
     config = TINY.replace(audio=False)
-    model = random_model(config)
+    model = random_model(config, exits=True)
     frames, mel, present = inputs(config, seed=4)
     engine = GlanceEngine(model, device="cpu", precision="bf16")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -158,7 +133,7 @@ def test_bf16_engine_matches_glance_under_autocast():
 def test_never_exit_early_takes_every_step_even_with_a_calibrated_threshold(name):
     # a checkpoint calibrated to τ = 0 exits every video after its first step, unless told never to exit
     config = TINY.replace(**SWITCHES[name], exit_threshold=0.0)
-    model = random_model(config)
+    model = random_model(config, exits=True)
     frames, mel, present = inputs(config, seed=6)
     engine = GlanceEngine(model, device="cpu")
     k = model.steps

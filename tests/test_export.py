@@ -7,13 +7,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from random_models import random_model
 from tolerances import tol
 
 from avgn_fast.checkpoint import save_checkpoint
 from avgn_fast.cli import main as cli_main
 from avgn_fast.config import AVGNConfig
 from avgn_fast.engine.export import export, stage_examples
-from avgn_fast.models.avgn import AVGN
 
 TINY = AVGNConfig.from_name("tiny")
 STAGES = ["glance", "avtest", "aespa", "crop", "local", "head", "step_head"]
@@ -26,11 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = AVGN(TINY).eval()
-    with torch.no_grad():
-        model.aespa.policy[-1].weight.normal_(0, 0.5)  # patch centres that depend on the inputs
-    return model
+    return random_model(TINY)  # patch centres that depend on the inputs
 
 
 @pytest.fixture(scope="module")

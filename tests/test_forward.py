@@ -4,27 +4,18 @@ import contextlib
 
 import pytest
 import torch
+from random_models import random_model
 from switches import SWITCHES, TINY
 from tolerances import tol
 
 from avgn_fast.engine.early_exit import GlanceEngine, Hook
 from avgn_fast.engine.stages import build_stages, random_inputs
-from avgn_fast.models.avgn import AVGN, STAGES
+from avgn_fast.models.avgn import STAGES
 from avgn_fast.training.losses import LossWeights, avgn_losses
 
 BATCH = 3
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes: see conftest
-
-
-def random_model(config, seed=0):
-    """Random weights with a policy that moves the patch (so the locations depend on the inputs)."""
-    torch.manual_seed(seed)
-    model = AVGN(config).eval()
-    with torch.no_grad():
-        if model.aespa is not None:
-            model.aespa.policy[-1].weight.normal_(0, 0.5)
-    return model
 
 
 def inputs(config, seed=1):

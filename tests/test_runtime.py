@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 from media import write_video
+from random_models import random_model
 from tolerances import tol
 
 import avgn_fast
@@ -21,7 +22,6 @@ from avgn_fast.engine.early_exit import GlanceEngine
 from avgn_fast.engine.export import export
 from avgn_fast.engine.predictor import Predictor
 from avgn_fast.engine.stages import random_inputs
-from avgn_fast.models.avgn import AVGN
 
 TINY = AVGNConfig.from_name("tiny")
 FORMATS = ("exported-program", "onnx")
@@ -55,11 +55,7 @@ FRESH_PROCESS = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = AVGN(TINY).eval()
-    with torch.no_grad():
-        model.aespa.policy[-1].weight.normal_(0, 0.5)  # patch centres that depend on the inputs
-    return model
+    return random_model(TINY)  # patch centres that depend on the inputs
 
 
 @pytest.fixture(scope="module")
