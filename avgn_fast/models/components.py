@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from avgn_fast.models.outputs import Component
 
-if TYPE_CHECKING:
-    from avgn_fast.models.avgn import AVGN
 
-
-def model_components(model: AVGN) -> list[Component]:
-    """Every part of ``model``'s inference path that does multiply-accumulate work, with batch-1 example inputs.
+def model_components(model: nn.Module) -> list[Component]:
+    """Every part of ``model``'s (an ``AVGN``'s) inference path that does multiply-accumulate work, with batch-1
+    example inputs.
 
     Per video: the glance encoders on each of the T frames, AV-TeST once. Per step taken: AESPA and the
     policy on that step's frame, the local encoder on its patch, the classifier (fusion MLP, one exit head);

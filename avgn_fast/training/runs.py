@@ -12,7 +12,6 @@ from avgn_fast.checkpoint import class_name_differences, config_differences, loa
 
 if TYPE_CHECKING:
     from avgn_fast.models.avgn import AVGN
-    from avgn_fast.training.trainer import TrainSettings
 
 
 class SubsetSource:
@@ -47,11 +46,11 @@ def plateaued(curve: list[float], patience: int) -> bool:
     return len(curve) - 1 - best >= patience
 
 
-def run_summary(history: list[dict], seconds: list[float], settings: TrainSettings, validation: str) -> dict:
+def run_summary(history: list[dict], seconds: list[float], settings, validation: str) -> dict:
     """What a run did: ``epochs`` (all stages), ``joint_epochs``, ``wall_s``, ``plateaued`` (stopped by the
     patience rule), ``stopped`` ("plateau", "cap": reached ``settings.epochs`` joint epochs with patience, or
     "epochs": a fixed count), ``best_epoch``, the validation curve ``val_top1`` (one value per joint epoch), and
-    where the validation videos came from."""
+    where the validation videos came from; ``settings`` is the run's ``TrainSettings``."""
     curve = [record["val_top1"] for record in history if "val_top1" in record]
     joint = sum(record["stage"] == "joint" for record in history)
     stop = settings.patience is not None and plateaued(curve, settings.patience)
@@ -63,7 +62,7 @@ def run_summary(history: list[dict], seconds: list[float], settings: TrainSettin
             "val_top1": curve, "validation": validation}
 
 
-def resume_run(model: AVGN, optimizer, scheduler, out_dir: Path | None, settings: TrainSettings, class_names):
+def resume_run(model: AVGN, optimizer, scheduler, out_dir: Path | None, settings, class_names):
     """Load ``out_dir/last.pt`` into the model, optimizer and schedule (and the RNG) → (history, seconds, best).
 
     ValueError when the saved run differs from this one in anything but the cap and the patience, which may
