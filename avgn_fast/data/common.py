@@ -178,6 +178,17 @@ def resized_shape(height: int, width: int, resize_shorter: int) -> tuple[int, in
     return max(round(height * scale), resize_shorter), max(round(width * scale), resize_shorter)
 
 
+def frame_geometry(rotation: float | None, height: int, width: int,
+                   resize_shorter: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """For a decoded frame of ``height x width`` with display ``rotation`` (degrees counter-clockwise):
+    the quarter turns that display it, its displayed (H, W), and the (h, w) to scale it to in its stored
+    orientation so that, turned, its shorter side is ``resize_shorter`` (``resized_shape``)."""
+    turns = round((rotation or 0) / 90) % 4
+    displayed = (width, height) if turns % 2 else (height, width)
+    h, w = resized_shape(*displayed, resize_shorter)
+    return turns, displayed, ((w, h) if turns % 2 else (h, w))
+
+
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """The centre ``size x size`` of (..., H, W) at offset ``(H - size) // 2, (W - size) // 2``."""
     h, w = images.shape[-2:]

@@ -51,7 +51,7 @@ from avgn_fast.data.common import (
     check_file,
     check_pixels,
     decoding,
-    resized_shape,
+    frame_geometry,
 )
 from avgn_fast.data.pyav_audio import read_audio
 from avgn_fast.data.pyav_streams import PacketReader, probe_video
@@ -124,12 +124,9 @@ def _prepare(path, params: DecodeParams, device_id: int | None) -> _Prepared:
         times, indices = probe.sample(params.num_frames, params.keyframes_only)
         segments = read_audio(container, reader, times, params, stats)
         encoded = np.fromfile(path, dtype=np.uint8)
-    turns = round((first.rotation or 0) / 90) % 4
-    stored = (first.height, first.width)
-    displayed = stored[::-1] if turns % 2 else stored
-    h, w = resized_shape(*displayed, params.resize_shorter)
+    turns, displayed, stored_size = frame_geometry(first.rotation, first.height, first.width, params.resize_shorter)
     return _Prepared(path=str(path), encoded=encoded, indices=np.asarray(indices, dtype=np.int32),
-                     resize_to=np.asarray((w, h) if turns % 2 else (h, w), dtype=np.float32), turns=turns,
+                     resize_to=np.asarray(stored_size, dtype=np.float32), turns=turns,
                      displayed=displayed, audio=_concatenate_windows(segments, params),
                      audio_present=segments is not None, probe=probe, times=times, notes=stats.notes)
 

@@ -44,7 +44,7 @@ from avgn_fast.data.common import (
     check_file,
     check_pixels,
     decoding,
-    resized_shape,
+    frame_geometry,
 )
 from avgn_fast.data.pyav_audio import read_audio
 from avgn_fast.data.pyav_streams import PacketReader, demux_all, probe_video, timestamp
@@ -164,12 +164,8 @@ class _Converter:
         self.interpolation = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
 
     def __call__(self, frame) -> _Frame:
-        turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns
-        stored = (frame.height, frame.width)
-        displayed = stored[::-1] if turns % 2 else stored
-        h, w = resized_shape(*displayed, self.params.resize_shorter)
-        if turns % 2:
-            h, w = w, h
+        turns, displayed, (h, w) = frame_geometry(frame.rotation, frame.height, frame.width,
+                                                  self.params.resize_shorter)
         rgb = self.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation=self.interpolation,
                                         threads=1).to_ndarray()
         img = torch.from_numpy(rgb).permute(2, 0, 1)

@@ -143,7 +143,7 @@ class BatchPredictor:
         if batch_size < 1 or topk < 1:
             raise ValueError(f"need batch_size ≥ 1 and topk ≥ 1; got {batch_size=} {topk=}")
         self.device = resolve_device(device)
-        self.dtype = resolve_precision(precision, self.device)
+        resolve_precision(precision, self.device)  # a bad precision fails before the model loads
         if isinstance(model_or_checkpoint, (str, os.PathLike)):
             model = load(model_or_checkpoint)
         else:

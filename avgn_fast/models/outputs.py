@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,18 @@ class Cost:
 
     per_video: float
     per_step: float
+
+    @classmethod
+    def from_dict(cls, saved) -> Cost:
+        """The cost saved beside a model (``{"per_video": GMACs, "per_step": GMACs}``); ValueError unless it is
+        exactly two finite GMAC counts ≥ 0."""
+        values = list(saved.values()) if isinstance(saved, dict) else []
+        if not isinstance(saved, dict) or set(saved) != {"per_video", "per_step"} or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in values):
+            raise ValueError(f"cost must be {{'per_video': GMACs, 'per_step': GMACs}} (finite, ≥ 0), "
+                             f"got {str(saved)[:80]}")
+        return cls(**saved)
 
     def gmacs(self, steps_taken: torch.Tensor) -> torch.Tensor:
         """(B,) GMACs for ``steps_taken`` (B,) steps per video."""
