@@ -98,7 +98,7 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
             break
         if first is None:
             first = frame
-        samples = _mono(frame)
+        samples = mono_samples(frame)
         if frame.time is not None and first.time is not None:
             # placed by timestamp: a gap (a dropped packet, a discontinuity) is silence, an overlap is cut
             start = round((frame.time - first.time) * first.sample_rate)
@@ -135,7 +135,7 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
     return torch.from_numpy(np.concatenate([o.to_ndarray().reshape(-1) for o in out])), t0
 
 
-def _mono(frame) -> np.ndarray:
+def mono_samples(frame) -> np.ndarray:
     """The channel mean of an audio frame of any layout and sample format: float32 (n,), full scale ±1."""
     data = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels)
     channels = frame.layout.nb_channels

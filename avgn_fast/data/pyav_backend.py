@@ -127,7 +127,7 @@ def _decode_open(container, path, params: DecodeParams, stats: DecodeStats, code
     probe = probe_video(container, path, None if packets is None else packets[video.index])
     times, indices = probe.sample(params.num_frames, params.keyframes_only)
     reader = PacketReader(container, packets, stats)
-    images = _decode_frames(reader, video, probe, indices, _Converter(params), stats)
+    images = _decode_frames(reader, video, probe, indices, FrameConverter(params), stats)
     if not images:
         raise DecodeError(path, "no video frame could be decoded")
     segments = read_audio(container, reader, times, params, stats)
@@ -152,7 +152,7 @@ class _Frame:
         self.frames, self.source_size = frames, source_size
 
 
-class _Converter:
+class FrameConverter:
     """Decoded frame -> uint8 (3, size, size): one swscale pass to the resized size, rotation, centre crop."""
 
     def __init__(self, params: DecodeParams):
@@ -174,7 +174,7 @@ class _Converter:
         return _Frame(center_crop(img, self.params.size).contiguous(), displayed)
 
 
-def _decode_frames(reader: PacketReader, stream, probe: VideoProbe, indices: list[int], convert: _Converter,
+def _decode_frames(reader: PacketReader, stream, probe: VideoProbe, indices: list[int], convert: FrameConverter,
                    stats: DecodeStats) -> dict[int, _Frame]:
     """The frames at ``indices`` (or their nearest decodable neighbours), converted, by probe index.
 
