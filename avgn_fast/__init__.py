@@ -11,7 +11,7 @@ import importlib
 from avgn_fast.config import AVGNConfig, use_triton
 
 __version__ = "0.1.0"
-__all__ = ["AVGN", "AVGNConfig", "GlanceEngine", "Predictor", "load", "use_triton", "__version__"]
+__all__ = ["AVGN", "AVGNConfig", "GlanceEngine", "Predictor", "load", "stream", "use_triton", "__version__"]
 
 # public name -> the module that defines it, imported by __getattr__ on first use
 _LAZY = {
@@ -19,6 +19,7 @@ _LAZY = {
     "GlanceEngine": "avgn_fast.engine.early_exit",
     "Predictor": "avgn_fast.engine.predictor",
     "load": "avgn_fast.checkpoint",
+    "stream": "avgn_fast.engine.live",
 }
 
 

@@ -95,14 +95,22 @@ class GlanceEngine:
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor, mel: torch.Tensor, audio_present: torch.Tensor | None = None, *,
-                 exit_threshold: float | None | str = FROM_CHECKPOINT, hook: Hook | None = None) -> GlanceResult:
+                 exit_threshold: float | None | str = FROM_CHECKPOINT, hook: Hook | None = None,
+                 glance: dict[str, torch.Tensor] | None = None) -> GlanceResult:
         """Classify a batch: frames uint8 (B, T, 3, S, S), mel (B, T, n_mels, n_steps), audio_present (B,) bool.
 
         ``exit_threshold``: τ; None: never exit early (every video takes every step); ``FROM_CHECKPOINT``
-        (the default): the model's ``config.exit_threshold``.
+        (the default): the model's ``config.exit_threshold``. ``glance``: the glance stage's outputs for
+        this batch, computed before (overlapping windows of a long video share their frames' features,
+        ``engine.stream``); the stage is then not run.
         """
         model, hook = self.model, hook or Hook()
         run = self.runner(hook)
+        if glance is not None:
+            staged = run
+
+            def run(name: str, env: dict) -> dict:
+                return dict(glance) if name == "glance" else staged(name, env)
         threshold = exit_threshold_of(model.config, exit_threshold)
         b, c = frames.shape[0], model.config.num_classes
         if threshold is None or self.k == 1:

@@ -99,12 +99,23 @@ class Predictor:
         return list(self.predict_iter(items, **kwargs))
 
     def predict_iter(self, items: Iterable[str | os.PathLike | Clip], *,
-                     explain_dir: str | os.PathLike | None = None) -> Iterator[Prediction]:
+                     explain_dir: str | os.PathLike | None = None, window_s: float | None = None,
+                     hop_s: float | None = None) -> Iterator[Prediction]:
         """Yield one Prediction per input, in input order, while later inputs decode in the background.
 
         Stopping early (Ctrl-C, or closing the iterator) cancels the chunks not yet started, and the
         running ones stop at their next file, so nothing waits for the rest of the inputs.
+
+        With ``window_s`` each file is classified in windows of ``window_s`` seconds every ``hop_s``
+        (default ``window_s``): one ``WindowPrediction`` per window, files in order, each file read once
+        front to back, overlapping windows sharing their frames' glance features (``engine.stream``);
+        ``explain_dir`` then gets one timeline PNG per file (``engine.timeline``).
         """
+        if window_s is not None:
+            yield from self._predict_windows(items, window_s, hop_s, explain_dir)
+            return
+        if hop_s is not None:
+            raise ValueError("hop_s needs window_s")
         if self.pool is not None:
             yield from self.pool.predict_iter(items, explain_dir)
             return
@@ -121,6 +132,20 @@ class Predictor:
         finally:
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _predict_windows(self, items, window_s: float, hop_s: float | None, explain_dir) -> Iterator[Prediction]:
+        from avgn_fast.engine.stream import predict_windows
+        from avgn_fast.engine.timeline import TimelineWriter
+
+        if self.pool is not None:
+            raise ValueError("windowed prediction runs on one device; leave devices out")
+        items = list(items)
+        if any(isinstance(x, Clip) for x in items):
+            raise ValueError("windowed prediction reads files; got a decoded Clip")
+        paths = [str(x) for x in items]
+        timeline = TimelineWriter(explain_dir, self.batch.class_names) if explain_dir is not None else None
+        rows = predict_windows(self.batch, paths, window_s, hop_s, on_window=timeline.add if timeline else None)
+        yield from rows if timeline is None else timeline.rows(rows)
 
     # --- stages: decode in the background threads, classify in this one -----------------------
 

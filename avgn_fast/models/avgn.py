@@ -232,22 +232,32 @@ class AVGN(nn.Module):
 
     def encode(self, frames, mel, audio_present) -> GlanceFeatures:
         """Glance encoders on all T frames (visual at G, audio on the log-mel)."""
-        b, t = frames.shape[:2]
         tokens = visual = audio_tokens = audio = None
         if self.visual is not None:
-            x = frames.flatten(0, 1).float()
-            if self.config.glance_size != self.config.frame_size:
-                x = F.interpolate(x, size=(self.config.glance_size,) * 2, mode="area")
-            x = (x - self.pixel_mean.view(1, 3, 1, 1)) / self.pixel_std.view(1, 3, 1, 1)
-            x = x.contiguous(memory_format=torch.channels_last)
-            for i, layer in enumerate(self.visual.features):
-                x = layer(x)
-                if self.aespa is not None and i == self.token_layer:
-                    tokens = x.flatten(2).transpose(1, 2).reshape(b, t, -1, x.shape[1])
-            visual = x.mean((2, 3)).view(b, t, -1)
+            tokens, visual = self.encode_visual(frames)
         if self.audio is not None:
             audio_tokens, audio = self.encode_audio(mel, audio_present)
         return GlanceFeatures(tokens, visual, audio_tokens, audio, audio_present)
+
+    def encode_visual(self, frames):
+        """Visual glance encoder on uint8 frames (B, T, 3, S, S) → tokens (B, T, h·w, C_tok) (None without AESPA)
+        and pooled (B, T, C_v).
+
+        Each frame is encoded on its own (eval-mode norms), so a frame's features do not depend on the
+        clip around it: overlapping windows of a long video share them (``engine.stream``).
+        """
+        b, t = frames.shape[:2]
+        tokens = None
+        x = frames.flatten(0, 1).float()
+        if self.config.glance_size != self.config.frame_size:
+            x = F.interpolate(x, size=(self.config.glance_size,) * 2, mode="area")
+        x = (x - self.pixel_mean.view(1, 3, 1, 1)) / self.pixel_std.view(1, 3, 1, 1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for i, layer in enumerate(self.visual.features):
+            x = layer(x)
+            if self.aespa is not None and i == self.token_layer:
+                tokens = x.flatten(2).transpose(1, 2).reshape(b, t, -1, x.shape[1])
+        return tokens, x.mean((2, 3)).view(b, t, -1)
 
     def encode_audio(self, mel, audio_present):
         """Audio encoder on every frame's log-mel → tokens (B, T, La, C_a) and pooled (B, T, C_a), 0 without audio."""

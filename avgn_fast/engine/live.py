@@ -1,0 +1,99 @@
+"""Live sources: one row per hop as soon as its window is complete, for one source or many at once.
+
+``stream(sources, checkpoint, window_s=W, hop_s=H)`` follows each source (anything FFmpeg opens live:
+a FIFO or a growing file, rtsp://, udp://, http://, /dev/video0) in a thread of its own, front to back
+(``data.sequential``), and classifies the windows of all sources together in batches
+(``engine.stream.WindowRunner``: one model for many cameras). Video and audio are paired by their
+timestamps, not by arrival. A failure of a source (a stall past ``timeout``, a dropped connection, a
+source that cannot be opened) is one error row, after which the source is opened again, up to
+``reconnects`` times; its windows then continue on a clock shifted by the wall time since it was
+first opened. The iteration ends when every source has ended; stopping it (Ctrl-C, ``close()``) stops
+the readers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+from avgn_fast.config import FROM_CHECKPOINT
+from avgn_fast.data.common import DecodeParams
+from avgn_fast.engine.batch import BatchPredictor, error_line
+from avgn_fast.engine.stream import WindowRunner, batches, put, read_windows
+from avgn_fast.engine.windows import WindowPlan, WindowPrediction
+
+__all__ = ["stream"]
+
+log = logging.getLogger(__name__)
+
+
+def stream(sources: str | list[str], model_or_checkpoint, *, window_s: float, hop_s: float | None = None,
+           device: str = "auto", precision: str = "auto", batch_size: int = 8, topk: int = 5, k: int | None = None,
+           exit_threshold: float | None | str = FROM_CHECKPOINT, backend: str = "eager",
+           options: dict | None = None, timeout: float | None = 10.0, reconnects: int = 3, retry_s: float = 1.0,
+           input_format: str | None = None) -> Iterator[WindowPrediction]:
+    """Yield one ``WindowPrediction`` per window of each live source as soon as the window is complete.
+
+    ``model_or_checkpoint``: a checkpoint path, an ``AVGN``, or a ``BatchPredictor`` (its settings then
+    apply, the keyword ones here are ignored). ``options`` go to FFmpeg for every source (e.g.
+    ``{"rtsp_transport": "tcp"}``), ``timeout`` is the longest wait for data in seconds (network
+    sources), ``input_format`` forces the demuxer (e.g. ``"mpegts"``, ``"v4l2"``). Each row's
+    ``latency_ms`` runs from the moment its window's last sample was decoded to the row.
+    """
+    sources = [sources] if isinstance(sources, str) else [str(s) for s in sources]
+    if not sources:
+        raise ValueError("stream needs at least one source")
+    if reconnects < 0 or retry_s < 0:
+        raise ValueError(f"reconnects and retry_s must be ≥ 0, got {reconnects=} {retry_s=}")
+    batch = model_or_checkpoint if isinstance(model_or_checkpoint, BatchPredictor) else BatchPredictor(
+        model_or_checkpoint, device=device, precision=precision, batch_size=batch_size, topk=topk, k=k,
+        exit_threshold=exit_threshold, backend=backend)
+    plan = WindowPlan(window_s, window_s if hop_s is None else hop_s, batch.config.num_frames)
+    params = DecodeParams.from_config(batch.config, max_pixels=batch.decode_options["max_pixels"])
+    reader_options = dict(options=options, timeout=timeout, input_format=input_format)
+    runner = WindowRunner(batch)
+    items: queue.Queue = queue.Queue(maxsize=2 * batch.batch_size * len(sources))
+    stop = threading.Event()
+    threads = [threading.Thread(target=_follow, args=(s, plan, params, reader_options, reconnects, retry_s, items,
+                                                      stop), name=f"avgn-live-{i}", daemon=True)
+               for i, s in enumerate(sources)]
+    for t in threads:
+        t.start()
+    running = len(sources)
+    try:
+        for windows, others in batches(items, batch.batch_size):
+            yield from runner(windows)
+            for kind, source, *rest in others:
+                if kind == "end":
+                    running -= 1
+                else:
+                    error, at = rest
+                    yield WindowPrediction(path=source, error=error_line(source, error), start_s=round(at, 6))
+            if not running:
+                return
+    finally:
+        stop.set()
+
+
+def _follow(source: str, plan: WindowPlan, params: DecodeParams, reader_options: dict, reconnects: int,
+            retry_s: float, items: queue.Queue, stop: threading.Event) -> None:
+    """Put ``source``'s windows into ``items``, reopening it after a failure; ("end", source) last."""
+    first = time.monotonic()
+    offset, failures = 0.0, 0
+    while not stop.is_set():
+        try:
+            read_windows(source, plan, params, items, stop, reader_options=reader_options, offset_s=offset)
+            break  # the source ended (a FIFO's writer closed, a stream finished)
+        except Exception as e:
+            at = time.monotonic() - first
+            log.warning("%s: %s (failure %d of %d allowed)", source, e, failures + 1, reconnects + 1)
+            put(items, ("error", source, e, at), stop)
+            failures += 1
+            if failures > reconnects:
+                break
+            stop.wait(retry_s)
+            offset = time.monotonic() - first
+    put(items, ("end", source), stop)

@@ -1,0 +1,232 @@
+"""Windowed AVGN over long files and live sources: each frame decoded once, its glance features computed once.
+
+``WindowRunner`` classifies complete windows (``engine.windows``) with the per-batch code every other
+route runs (``BatchPredictor.classify``): the visual glance encoder runs once per sampled frame, the
+first time a window holds it, and every later window that holds the frame reuses its features; the
+rest of the model (audio encoder, whose spectral normalization spans the window, AV-TeST over the
+window's T frames, AESPA, patches, local encoder, classifier) runs per window. ``predict_windows``
+reads files one after another in a background thread (``data.sequential``: front to back, no seek)
+while the model classifies the windows already complete, batched across windows; ``stream`` does the
+same for live sources, one reader thread per source and the windows of all sources batched together
+(many cameras on one model), with a reconnection after a stall that is reported as an error row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from avgn_fast.data.clip import Clip
+from avgn_fast.data.common import DecodeParams
+from avgn_fast.data.sequential import SequentialReader
+from avgn_fast.engine.batch import BatchPredictor, Prediction, error_line
+from avgn_fast.engine.windows import Window, WindowPlan, WindowPrediction, assemble
+
+__all__ = ["WindowPrediction", "WindowRunner", "batches", "predict_windows", "put", "read_windows"]
+
+log = logging.getLogger(__name__)
+
+_ENCODE_CHUNK = 64  # frames per visual-encoder call: bounds the activations
+
+
+class WindowRunner:
+    """Classifies batches of complete windows with a ``BatchPredictor`` (its model, engine and settings).
+
+    ``gmacs_saved`` counts the visual-encoder GMACs that shared features spared, ``gmacs_spent`` what the
+    windows cost; their sum is what classifying every window as its own clip would have cost.
+    """
+
+    def __init__(self, batch: BatchPredictor):
+        from avgn_fast.models.avgn import AVGN
+
+        self.batch = batch
+        self.model = batch.model
+        # an exported folder runs its stages as exported: its windows are classified whole, nothing shared
+        self.shares = isinstance(self.model, AVGN) and self.model.visual is not None
+        self.outputs = self.model.stage_io["glance"][1] if self.shares else ()
+        self.frame_gmacs = next((row.gmacs for row in self.model.flops_table() if row.name == "visual glance encoder"),
+                                0.0) if self.shares else 0.0
+        self.gmacs_spent = self.gmacs_saved = 0.0
+
+    def __call__(self, windows: list[Window]) -> list[WindowPrediction]:
+        """One row per window, in order (a window that fails gets an error row; the others go on)."""
+        if not windows:
+            return []
+        clips = [window_clip(w, self.batch.config.resize_shorter) for w in windows]
+        glance, fresh = self._glance(windows) if self.shares else (None, [0] * len(windows))
+        preds = self.batch.classify([w.source for w in windows], clips, glance=glance)
+        now = time.monotonic()
+        rows = []
+        for w, pred, new in zip(windows, preds, fresh):
+            saved = self.frame_gmacs * (len(w.samples) - new) if pred.gflops is not None else 0.0
+            gflops = None if pred.gflops is None else pred.gflops - saved
+            self.gmacs_saved += saved
+            self.gmacs_spent += gflops or 0.0
+            rows.append(window_row(pred, w, gflops=gflops, latency_ms=round((now - w.ready) * 1000, 2)))
+        return rows
+
+    @torch.inference_mode()
+    def _glance(self, windows: list[Window]) -> tuple[list[dict], list[int]]:
+        """Each window's glance features (visual ones from its samples, computed for the samples that have none
+        yet) and how many of its samples had theirs computed for it."""
+        fresh, new = [], []
+        seen = set()
+        for w in windows:
+            count = 0
+            for s in w.samples:
+                if s.features is None and id(s) not in seen:
+                    seen.add(id(s))
+                    new.append(s)
+                    count += 1
+            fresh.append(count)
+        device, dtype = self.batch.device, self.batch.dtype
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            for i in range(0, len(new), _ENCODE_CHUNK):
+                chunk = new[i:i + _ENCODE_CHUNK]
+                frames = torch.stack([s.frame for s in chunk])[None].to(device)
+                tokens, visual = self.model.encode_visual(frames)
+                for j, s in enumerate(chunk):
+                    s.features = {"visual": visual[0, j]} | ({"tokens": tokens[0, j]} if tokens is not None else {})
+            audio = {}
+            if "audio" in self.outputs:
+                mel = torch.stack([torch.stack([s.mel for s in w.samples]) for w in windows]).to(device, torch.float32)
+                present = torch.tensor([w.audio_present for w in windows], device=device)
+                audio["audio_tokens"], audio["audio"] = self.model.encode_audio(mel, present)
+        glance = []
+        for b, w in enumerate(windows):
+            features = {name: torch.stack([s.features[name] for s in w.samples]) for name in ("tokens", "visual")
+                        if name in self.outputs}
+            glance.append(features | {name: x[b] for name, x in audio.items()})
+        return glance, fresh
+
+
+def window_clip(w: Window, resize_shorter: int) -> Clip:
+    """The window as the Clip ``decode`` would give for its stretch of the source cut out as its own file."""
+    return Clip(frames=torch.stack([s.frame for s in w.samples]), mel=torch.stack([s.mel for s in w.samples]),
+                audio_present=w.audio_present, duration=w.end_s - w.start_s, fps=w.fps,
+                source_size=w.samples[0].source_size, resize_shorter=resize_shorter,
+                frame_times=torch.tensor([w.offset_s + s.time for s in w.samples], dtype=torch.float64),
+                path=w.source, notes=list(w.notes))
+
+
+def window_row(pred: Prediction, w: Window | None, *, source: str | None = None, start_s: float | None = None,
+               end_s: float | None = None, gflops: float | None = None, latency_ms: float | None = None
+               ) -> WindowPrediction:
+    """``pred`` as the row of window ``w`` (or of the span given, for an error or a whole short file)."""
+    fields = {f.name: getattr(pred, f.name) for f in dataclasses.fields(Prediction)}
+    if w is not None:
+        fields.update(path=w.source, gflops=gflops)
+        start_s, end_s = w.start_s, w.end_s
+    elif source is not None:
+        fields["path"] = source
+    return WindowPrediction(**fields, start_s=None if start_s is None else round(start_s, 6),
+                            end_s=None if end_s is None else round(end_s, 6), latency_ms=latency_ms)
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+END = object()  # the producer's last item in the queue
+
+
+def read_windows(source, plan: WindowPlan, params: DecodeParams, out: queue.Queue, stop: threading.Event, *,
+                 reader_options: dict | None = None, offset_s: float = 0.0) -> SequentialReader:
+    """Put every complete window of ``source`` into ``out`` (blocking while it is full) until its end or ``stop``;
+    returns the reader (its ``info``: end, audio, notes). Raises the source's ``DecodeError``."""
+    reader = SequentialReader(source, params, **(reader_options or {}))
+    for window in assemble(reader.samples(plan.all_times()), plan, str(source), offset_s=offset_s,
+                           audio_present=lambda: reader.info.audio_present, fps=lambda: reader.info.fps):
+        window.notes = reader.stats.notes
+        if not put(out, window, stop):
+            break
+    return reader
+
+
+def put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` into ``out``, waiting while it is full, unless ``stop`` is set first; whether it went in."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def predict_windows(batch: BatchPredictor, paths: Iterable, window_s: float, hop_s: float | None = None, *,
+                    max_queue: int | None = None, on_window=None, runner: WindowRunner | None = None
+                    ) -> Iterator[WindowPrediction]:
+    """One row per window of each file, files in order, windows in time order (``hop_s`` default ``window_s``).
+
+    A background thread reads the files front to back (``read_windows``); this thread classifies the
+    windows complete so far, up to ``batch.batch_size`` at a time. A file shorter than one window gives
+    one row over the whole file (``predict``'s clip); a file that fails gives an error row, and the
+    next file goes on. ``on_window(window, row)`` sees each window with its row (the timeline uses it).
+    """
+    plan = WindowPlan(window_s, window_s if hop_s is None else hop_s, batch.config.num_frames)
+    params = DecodeParams.from_config(batch.config, **{k: v for k, v in batch.decode_options.items()
+                                                       if k == "max_pixels"})
+    runner = runner or WindowRunner(batch)
+    items: queue.Queue = queue.Queue(maxsize=max_queue or 2 * batch.batch_size)
+    stop = threading.Event()
+
+    def produce():
+        for path in paths:
+            if stop.is_set():
+                return
+            try:
+                reader = read_windows(str(path), plan, params, items, stop)
+                end = reader.info.end_s
+                put(items, ("short", str(path), end) if end is not None and end < plan.window_s else ("done", path),
+                    stop)
+            except Exception as e:  # this file's error; the next goes on
+                put(items, ("error", str(path), e), stop)
+        put(items, END, stop)
+
+    thread = threading.Thread(target=produce, name="avgn-windows", daemon=True)
+    thread.start()
+    try:
+        for windows, others in batches(items, batch.batch_size):
+            for w, row in zip(windows, runner(windows)):
+                if on_window is not None:
+                    on_window(w, row)
+                yield row
+            for x in others:
+                if x is END:
+                    return
+                yield from _file_item(batch, x, on_window)
+    finally:
+        stop.set()
+
+
+def batches(items: queue.Queue, size: int) -> Iterator[tuple[list[Window], list]]:
+    """(windows, other items) taken from ``items``: waits for one item, then takes the windows already there, up
+    to ``size``; a non-window item (an end, an error) ends the batch and comes after its windows."""
+    while True:
+        taken = [items.get()]
+        while len(taken) < size and isinstance(taken[-1], Window):
+            try:
+                taken.append(items.get_nowait())
+            except queue.Empty:
+                break
+        windows = [x for x in taken if isinstance(x, Window)]
+        yield windows, taken[len(windows):]
+
+
+def _file_item(batch: BatchPredictor, item: tuple, on_window) -> Iterator[WindowPrediction]:
+    """The row a file's end gives: none, its error, or the whole file when it is shorter than one window."""
+    kind, path = item[0], str(item[1])
+    if kind == "error":
+        yield WindowPrediction(path=path, error=error_line(path, item[2]))
+    elif kind == "short":
+        pred = batch([path])[0]
+        row = window_row(pred, None, source=path, start_s=0.0, end_s=item[2])
+        if on_window is not None:
+            on_window(None, row)
+        yield row
