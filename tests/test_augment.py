@@ -29,7 +29,8 @@ from avgn_fast.data.augment import (
 )
 from avgn_fast.data.folder import FolderDataset
 from avgn_fast.data.synth import write_dataset
-from avgn_fast.training.trainer import FolderSource, TrainingSource, TrainSettings, evaluate
+from avgn_fast.training.batches import TrainingSource
+from avgn_fast.training.trainer import FolderSource, TrainSettings, evaluate
 
 SMALL = AVGNConfig.from_name("tiny", num_frames=8, k=2)
 

@@ -15,7 +15,8 @@ whether it plateaued, the validation curve, and every epoch's metrics.
 Training batches are augmented on the fly (temporal jitter, random resized crop, flip, colour jitter,
 SpecAugment masks, gain; ``--no-augment`` turns all off): the training split is decoded and cached at
 ``--temporal-density`` x T frames and T of them sampled each epoch; validation, eval and predict see
-the clips as decoded at T frames.
+the clips as decoded at T frames. ``--mixup ALPHA`` / ``--cutmix ALPHA`` (off by default, and not covered by
+``--no-augment``) also mix the training batches in pairs, the labels becoming soft targets.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Defaults:
     batch_size: int = 16
     lr: float = 2e-3
     patience: int = 4
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,14 @@ def add_augment_arguments(parser) -> None:
                        f"default: {d.freq_mask}")
     group.add_argument("--gain-db", type=float, default=d.gain_db,
                        help=f"random audio gain within ±this many dB; 0: off; default: {d.gain_db}")
+    mixing = parser.add_argument_group("mixing (training batches only; not covered by --no-augment)")
+    mixing.add_argument("--mixup", type=float, default=Defaults.mixup, metavar="ALPHA",
+                        help="mixup: blend each training video with another, share ~ Beta(ALPHA, ALPHA), labels "
+                        "mixed alike (0.2-0.4 usual); 0: off; default: 0")
+    mixing.add_argument("--cutmix", type=float, default=Defaults.cutmix, metavar="ALPHA",
+                        help="CutMix: paste another training video's box into every frame (and its mel time span), "
+                        "labels mixed by area (1 usual; with --mixup, one or the other per batch); 0: off; "
+                        "default: 0")
 
 
 def augment_settings(no_augment: bool, **flags) -> dict:
@@ -165,7 +176,8 @@ def main(data, out, config: str | None = None, epochs: int | None = None, set: S
          flip: bool = AugmentDefaults.flip, brightness: float = AugmentDefaults.brightness,
          contrast: float = AugmentDefaults.contrast, saturation: float = AugmentDefaults.saturation,
          time_mask: float = AugmentDefaults.time_mask, freq_mask: float = AugmentDefaults.freq_mask,
-         gain_db: float = AugmentDefaults.gain_db) -> int:
+         gain_db: float = AugmentDefaults.gain_db, mixup: float = Defaults.mixup,
+         cutmix: float = Defaults.cutmix) -> int:
     import torch
     from tqdm import tqdm
 
@@ -175,6 +187,7 @@ def main(data, out, config: str | None = None, epochs: int | None = None, set: S
     from avgn_fast.engine.predictor import resolve_device
     from avgn_fast.models.avgn import AVGN
     from avgn_fast.models.backbones import load_pretrained
+    from avgn_fast.training.batches import Mixing
     from avgn_fast.training.trainer import FolderSource, TrainSettings, fit
 
     device = resolve_device(device)  # a CUDA request without CUDA fails before anything is decoded
@@ -191,6 +204,7 @@ def main(data, out, config: str | None = None, epochs: int | None = None, set: S
     augment = augment_settings(no_augment, temporal_density=temporal_density, crop_min_scale=crop_min_scale,
                                crop_max_ratio=crop_max_ratio, flip=flip, brightness=brightness, contrast=contrast,
                                saturation=saturation, time_mask=time_mask, freq_mask=freq_mask, gain_db=gain_db)
+    Mixing(mixup, cutmix)  # a bad concentration is refused before anything is decoded
     cache_dir = default_cache_dir(out / "cache", log=log) if cache_dir is None else Path(cache_dir)
     # the training decode is denser (temporal jitter samples T of its frames); validation decodes T
     dense = probe.replace(num_frames=probe.num_frames * augment["temporal_density"])
@@ -206,7 +220,8 @@ def main(data, out, config: str | None = None, epochs: int | None = None, set: S
             log(f"no {val_split!r} split in {data}")
 
     settings = TrainSettings(**stopping(epochs, patience, max_epochs), audio_warmup_epochs=audio_warmup_epochs,
-                             look_epochs=look_epochs, batch_size=batch_size, lr=lr, seed=seed, **augment)
+                             look_epochs=look_epochs, batch_size=batch_size, lr=lr, seed=seed, mixup=mixup,
+                             cutmix=cutmix, **augment)
     torch.manual_seed(seed)
     model = AVGN(cfg)
     if init_visual is not None and not resume:

@@ -17,6 +17,11 @@
   stands out. The classification gradient can also reach the policy through the differentiable
   crop, as in AdaFocusV2 (``crop_gradient``; off by default, see ``LossWeights``).
 
+Labels are class indices (B,) or soft targets (B, C) whose rows sum to 1 (mixup / CutMix,
+``avgn_fast.training.batches``): every cross entropy takes either, and the teacher's "confidence in the
+true class" becomes its probability mass on the target, ``sum_c target_c · softmax_c`` (``true_class_prob``),
+so the saliency ranking, the frames searched and the best candidate patch all follow the mixed label.
+
 AV-TeST and AESPA read the audio features detached (``avgn_fast.models.avgn.audio_detached``): the
 audio encoder learns from its own head and the classifier. The joint stage runs the model's own
 forward (``AVGN.forward``, the one inference runs) with those training hooks. The trainer runs
@@ -63,17 +68,17 @@ class LossWeights:
 
 
 def ordered_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy over the K exit heads: logits (B, K, C), labels (B,)."""
+    """Mean cross entropy over the K exit heads: logits (B, K, C), labels (B,) or soft targets (B, C)."""
     return frame_cross_entropy(logits, labels)
 
 
 def frame_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None):
-    """Cross entropy of per-frame (or per-step) logits (B, T, C) against the video label.
+    """Cross entropy of per-frame (or per-step) logits (B, T, C) against the video label (B,) or soft target (B, C).
 
     Averaged over frames, then over videos weighted by ``weight`` (B,) when given.
     """
     b, t, c = logits.shape
-    ce = F.cross_entropy(logits.reshape(b * t, c), labels.repeat_interleave(t), reduction="none").view(b, t)
+    ce = F.cross_entropy(logits.reshape(b * t, c), labels.repeat_interleave(t, dim=0), reduction="none").view(b, t)
     if weight is None:
         return ce.mean()
     return (ce.mean(1) * weight).sum() / weight.sum().clamp_min(1)
@@ -81,7 +86,8 @@ def frame_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torc
 
 def instance_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, mix: float = 0.5,
                            temperature: float = 1.0, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Multiple-instance cross entropy of instance logits (B, N, C) against the bag's label (B,).
+    """Multiple-instance cross entropy of instance logits (B, N, C) against the bag's label (B,) or soft target
+    (B, C).
 
     Only some instances of a bag show its class (the frames that hear the class sound, the
     candidate patches that hold the card). Each instance's cross entropy is weighted by
@@ -92,7 +98,7 @@ def instance_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, mix: f
     event frames against 40-53 %; glyphs in 77 % of card patches against 25 %).
     """
     b, n, c = logits.shape
-    ce = F.cross_entropy(logits.reshape(b * n, c), labels.repeat_interleave(n), reduction="none").view(b, n)
+    ce = F.cross_entropy(logits.reshape(b * n, c), labels.repeat_interleave(n, dim=0), reduction="none").view(b, n)
     focus = (-ce.detach() / temperature).softmax(1)
     per_bag = ((mix / n + (1 - mix) * focus) * ce).sum(1)
     if weight is None:
@@ -112,7 +118,11 @@ def saliency_ranking_loss(saliency: torch.Tensor, teacher: torch.Tensor, tempera
 
 
 def true_class_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """softmax(logits)[..., label] for logits (B, ..., C) and labels (B,)."""
+    """softmax(logits)[..., label] for logits (B, ..., C) and labels (B,); for soft targets (B, C) the mass on the
+    target, ``sum_c target_c · softmax(logits)_c`` (the same for a one-hot target)."""
+    if labels.dim() == 2:
+        shape = (labels.shape[0], *([1] * (logits.dim() - 2)), labels.shape[1])
+        return (logits.softmax(-1) * labels.to(logits.dtype).view(shape)).sum(-1)
     index = labels.view(-1, *([1] * (logits.dim() - 1))).expand(*logits.shape[:-1], 1)
     return logits.softmax(-1).gather(-1, index).squeeze(-1)
 

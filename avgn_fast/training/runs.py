@@ -79,8 +79,9 @@ def resume_run(model: AVGN, optimizer, scheduler, out_dir: Path | None, settings
     if missing:
         raise ValueError(f"{last}: no training state to resume from (lacks {', '.join(sorted(missing))})")
     differ = config_differences(state.model.config.to_dict(), model.config.to_dict())
-    differ += [f"settings.{d}" for d in config_differences(saved["settings"], settings.as_dict(),
-                                                            skip=("epochs", "patience"))]
+    # a run saved before mixing existed trained without it
+    before = {"mixup": 0.0, "cutmix": 0.0, **saved["settings"]}
+    differ += [f"settings.{d}" for d in config_differences(before, settings.as_dict(), skip=("epochs", "patience"))]
     differ += class_name_differences(state.class_names, [str(name) for name in class_names])
     if differ:
         raise ValueError(f"{last}: cannot resume, the saved run differs from this one: {'; '.join(differ)}")

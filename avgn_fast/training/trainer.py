@@ -16,6 +16,7 @@ from avgn_fast.checkpoint import load_checkpoint, save_checkpoint
 from avgn_fast.config import FROM_CHECKPOINT, AVGNConfig
 from avgn_fast.engine.early_exit import GlanceEngine
 from avgn_fast.models.avgn import AVGN, GlanceResult
+from avgn_fast.training.batches import Mixing, TrainingSource
 from avgn_fast.training.losses import LossWeights, audio_warmup_losses, avgn_losses, look_losses
 from avgn_fast.training.runs import SubsetSource, carve_validation, plateaued, resume_run, run_summary
 
@@ -39,7 +40,8 @@ class TrainSettings:
     Augmentation: the fields from ``temporal_density`` to ``gain_db`` are those of
     ``avgn_fast.data.augment.Augmentation`` (``augmentation()``), applied to training batches on the
     fly (``TrainingSource``), never to validation, eval or predict. A training decode keeps
-    ``temporal_density * T`` frames per video.
+    ``temporal_density * T`` frames per video. ``mixup``/``cutmix`` (Beta concentrations, 0: off) mix the
+    augmented training batches in pairs with soft targets (``avgn_fast.training.batches``).
 
     Stopping: with ``patience`` (the default), ``epochs`` is a cap: after each joint epoch the
     validation top-1 is measured and the run stops once ``patience`` joint epochs in a row have not
@@ -67,6 +69,8 @@ class TrainSettings:
     time_mask: float = 0.2
     freq_mask: float = 0.15
     gain_db: float = 6.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
     losses: LossWeights = field(default_factory=LossWeights)
     # stopping at the plateau (see above); None: exactly ``epochs`` joint epochs
     patience: int | None = 4
@@ -82,6 +86,7 @@ class TrainSettings:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
         self.augmentation()  # checks its fields
+        self.mixing()
 
     def augmentation(self):
         """The ``Augmentation`` of these settings (imported here: eval and predict never load the module)."""
@@ -90,10 +95,15 @@ class TrainSettings:
         return Augmentation(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Augmentation)})
 
     def without_augmentation(self) -> TrainSettings:
-        """These settings with every augmentation off (``Augmentation.off``): training sees the clips as decoded."""
+        """These settings with every augmentation (``Augmentation.off``) and mixing off: training sees the clips as
+        decoded."""
         from avgn_fast.data.augment import Augmentation
 
-        return dataclasses.replace(self, **dataclasses.asdict(Augmentation.off()))
+        return dataclasses.replace(self, **dataclasses.asdict(Augmentation.off()), mixup=0.0, cutmix=0.0)
+
+    def mixing(self) -> Mixing:
+        """The ``Mixing`` (mixup / CutMix) of these settings."""
+        return Mixing(self.mixup, self.cutmix)
 
     def as_dict(self) -> dict:
         """Plain values (the loss weights nested), as saved in checkpoints and compared on resume."""
@@ -149,35 +159,6 @@ class FolderSource:
         return (torch.stack([c.frames for c in clips]), torch.stack([c.mel for c in clips]),
                 torch.tensor([label for _, label in items], dtype=torch.int64),
                 torch.tensor([c.audio_present for c in clips], dtype=torch.bool))
-
-
-class TrainingSource:
-    """What ``fit`` reads: batches of another source with T frames per video, on ``device``.
-
-    The source may hold more frames per video than the model's T (a denser training decode). With an
-    ``augmentation``, every batch is augmented on the fly (``augment_batch``, T frames sampled at
-    random) from a generator seeded by one draw of torch's global RNG, which training seeds and
-    checkpoints, so a run stays a pure function of its seed and resumes exactly. Without one
-    (validation), the T segment centres are taken and nothing is random.
-    """
-
-    def __init__(self, source, augmentation, num_frames: int, device):
-        self.source, self.augmentation, self.num_frames, self.device = source, augmentation, num_frames, device
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def batch(self, index: torch.Tensor):
-        """(frames, mel, labels, audio_present) of the videos at ``index``, on ``device``."""
-        from avgn_fast.data import augment  # here: eval and predict never load it
-
-        frames, mel, labels, present = (t.to(self.device) for t in self.source.batch(index))
-        if self.augmentation is None:
-            frames, mel = augment.centre_frames(frames, mel, self.num_frames)
-        else:
-            generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-            frames, mel = augment.augment_batch(frames, mel, present, self.augmentation, self.num_frames, generator)
-        return frames, mel, labels, present
 
 
 @dataclass(frozen=True)
@@ -299,7 +280,8 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
         history, seconds, best = resume_run(model, optimizer, scheduler, out_dir, settings, class_names)
         start_epoch = len(history)
     device = next(model.parameters()).device
-    train = TrainingSource(train, settings.augmentation(), model.config.num_frames, device)
+    train = TrainingSource(train, settings.augmentation(), model.config.num_frames, device, settings.mixing(),
+                           model.config.num_classes)
     val = None if val is None else TrainingSource(val, None, model.config.num_frames, device)
 
     def stop() -> bool:  # the validation curve so far has plateaued
@@ -330,7 +312,8 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
             for name, value in out.items():
                 if name != "logits":
                     sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(labels)
-            correct += int((out["logits"][:, -1].argmax(-1) == labels).sum())
+            hard = labels if labels.dim() == 1 else labels.argmax(-1)  # a mixed video counts as its larger share
+            correct += int((out["logits"][:, -1].argmax(-1) == hard).sum())
             bar.set_postfix(loss=f"{float(out['total'].detach()):.3f}")
         record = {"epoch": epoch + 1, "stage": stage, "train_top1": correct / len(train),
                   **{f"loss_{name}": value / len(train) for name, value in sums.items()}}
