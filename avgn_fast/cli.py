@@ -25,7 +25,8 @@ from collections.abc import Callable
 COMMANDS = {
     "flops": "GFLOPs per component and per video for a configuration",
     "synth": "write the AVSynth audio-visual benchmark (encoded videos + labels.csv)",
-    "predict": "classify video files with a trained checkpoint",
+    "predict": "classify video files with a trained checkpoint (whole, or in windows with --window)",
+    "stream": "classify live sources (FIFO, rtsp://, udp://, http://, /dev/video0) window by window as they play",
     "train": "train an AVGN (or a baseline) on a folder dataset",
     "eval": "top-1, mAP and GFLOPs per video of a checkpoint on a folder dataset",
     "calibrate": "choose a checkpoint's early-exit threshold on a labelled split and save it with the model",

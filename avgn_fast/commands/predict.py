@@ -36,6 +36,12 @@ def add_arguments(p) -> None:
                    help="fast mode for long files: show the model the keyframe nearest to each sampled time and "
                         "decode keyframes only (frames differ from the default sampling)")
     add_inference_arguments(p)
+    p.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                   help="classify each file in windows of this many seconds: one row per window (start_s, end_s, "
+                        "label, ...), the file read once front to back; --explain then draws one timeline per file")
+    p.add_argument("--hop", type=float, default=None, metavar="SECONDS",
+                   help="with --window: seconds between window starts (default: the window; half of it shares half "
+                        "of each window's frames with the next)")
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",
                    help="run on a Ray cluster (Ray Data): decode in CPU tasks, the model in an actor pool; inputs "
                         "may be URIs (s3://, gs://, file://). auto (the default value): this machine's cluster, else "
@@ -49,19 +55,26 @@ def add_arguments(p) -> None:
 
 def main(paths, checkpoint, jsonl=None, topk=5, explain=None, device="auto", precision="auto", decode="auto",
          batch_size=16, workers=None, k=None, exit_threshold="checkpoint", backend="eager", devices=None,
-         max_pixels=None, keyframes_only=False, ray=None, ray_actors=None, out_parquet=None) -> int:
+         max_pixels=None, keyframes_only=False, ray=None, ray_actors=None, out_parquet=None, window=None,
+         hop=None) -> int:
     """Classify ``paths``; returns 1 when every input failed, else 0.
 
     Outputs are checked before the model loads (``check_outputs``). JSONL rows go to a temporary file
     beside ``jsonl``, flushed per row and renamed onto it at the end, also when the run stops early
     (Ctrl-C, an error): ``jsonl`` then holds the whole rows written so far, never a partial one.
-    With ``ray`` the same rows come from a Ray cluster (``engine.distributed``), in input order.
+    With ``ray`` the same rows come from a Ray cluster (``engine.distributed``), in input order. With
+    ``window`` each file gives one row per window (``Predictor.predict_iter``'s ``window_s``).
     """
     from avgn_fast.config import parse_exit_threshold
     from avgn_fast.engine.predictor import Predictor, expand_inputs
 
     if isinstance(exit_threshold, str):
         exit_threshold = parse_exit_threshold(exit_threshold, "--exit-threshold")
+    if window is None and hop is not None:
+        raise ValueError("--hop needs --window")
+    if window is not None and (ray is not None or devices is not None or keyframes_only):
+        raise ValueError("--window reads each file front to back on one device: leave out --ray, --devices and "
+                         "--keyframes-only")
     if ray is None:
         if out_parquet is not None or ray_actors is not None:
             raise ValueError("--out-parquet and --ray-actors need --ray")
@@ -82,6 +95,11 @@ def main(paths, checkpoint, jsonl=None, topk=5, explain=None, device="auto", pre
         return _predict_on_ray(ray, inputs, checkpoint, device, ray_actors, jsonl, out_parquet, settings)
     predictor = Predictor(checkpoint, device=device, decode_backend=decode, num_workers=workers, devices=devices,
                           **settings)
+    if window is not None:
+        from avgn_fast.commands.stream import write_rows
+
+        rows = predictor.predict_iter(inputs, explain_dir=explain, window_s=window, hop_s=hop)
+        return write_rows(rows, LineWriter(jsonl) if jsonl else None, jsonl=jsonl)
     return write_predictions(predictor.predict_iter(inputs, explain_dir=explain), len(inputs), jsonl, explain)
 
 

@@ -121,7 +121,7 @@ class SequentialReader:
         self.info.fps = float(video.average_rate or video.guessed_rate or 0.0)
         self.info.audio_present = audio is not None
         self._audio = _AudioBuffer(self.params.sample_rate) if audio is not None else None
-        self._video = _VideoState(FrameConverter(self.params), times)
+        self._video = _VideoState(FrameConverter(self.params), times, video.time_base)
         self._pending: deque = deque()  # (time, converted frame) waiting for their audio
         streams = [s for s in (video, audio) if s is not None]
         for packet in container.demux(streams):
@@ -134,10 +134,10 @@ class SequentialReader:
             for frame in frames:
                 if is_video:
                     self.stats.video_frames_decoded += 1
-                    self._pending.extend(self._video.push(frame))
+                    self._pending.extend(self._video.push(frame, seconds(frame, video)))
                 elif self._audio is not None:
                     self.stats.audio_frames_decoded += 1
-                    self._audio.push(frame, self.stats)
+                    self._audio.push(frame, seconds(frame, audio), self.stats)
             yield from self._flush(final=False)
             if self._video.exhausted and not self._pending:  # every asked time answered
                 return
@@ -148,9 +148,11 @@ class SequentialReader:
                 frames = []
             for frame in frames:
                 if stream.index == video.index:
-                    self._pending.extend(self._video.push(frame))
+                    self.stats.video_frames_decoded += 1
+                    self._pending.extend(self._video.push(frame, seconds(frame, video)))
                 elif self._audio is not None:
-                    self._audio.push(frame, self.stats)
+                    self.stats.audio_frames_decoded += 1
+                    self._audio.push(frame, seconds(frame, audio), self.stats)
         self._pending.extend(self._video.end())
         self.info.end_s = self._video.end_s
         if self._video.first is None:
@@ -186,11 +188,19 @@ class SequentialReader:
             yield Sample(t, image.frames, m, image.source_size, now)
 
 
+def seconds(frame, stream) -> float | None:
+    """A decoded frame's time in seconds; frames drained from a decoder at the end carry no time base of their
+    own, so the stream's is used."""
+    ts = frame.pts if frame.pts is not None else frame.dts
+    base = frame.time_base or stream.time_base
+    return None if ts is None or base is None else float(ts * base)
+
+
 class _VideoState:
     """The frame on screen and the asked times it answers: each video frame in, (time, converted frame) out."""
 
-    def __init__(self, convert: FrameConverter, times: Iterator[float]):
-        self.convert, self.times = convert, times
+    def __init__(self, convert: FrameConverter, times: Iterator[float], time_base):
+        self.convert, self.times, self.time_base = convert, times, time_base
         self.first = None  # time (s) of the first frame: the origin of the asked times
         self.shown = None  # (frame time relative to the origin, the av frame) on screen
         self.converted = None  # the shown frame, converted, once asked for
@@ -204,14 +214,15 @@ class _VideoState:
         if self.next_time is None:
             self.exhausted = True
 
-    def push(self, frame) -> list:
-        """Times answered now that ``frame`` has arrived: those before it show the previous frame."""
-        if frame.time is None:
+    def push(self, frame, time_s: float | None) -> list:
+        """Times answered now that ``frame`` (shown from ``time_s``) has arrived: those before it show the previous
+        frame."""
+        if time_s is None:
             return []
         if self.first is None:
-            self.first = frame.time
+            self.first = time_s
             self._advance()
-        t = frame.time - self.first
+        t = time_s - self.first
         out = []
         if self.shown is not None:
             if t <= self.shown[0]:  # a timestamp that does not advance: a repeat, not a new frame
@@ -219,8 +230,8 @@ class _VideoState:
             self.last_duration = t - self.shown[0]
             out = self._answer(until=t)
         self.shown, self.converted = (t, frame), None
-        if frame.duration and frame.time_base:
-            self.last_duration = float(frame.duration * frame.time_base)
+        if frame.duration and self.time_base:
+            self.last_duration = float(frame.duration * self.time_base)
         return out
 
     def _answer(self, until: float) -> list:
@@ -263,20 +274,21 @@ class _AudioBuffer:
     def covers(self, t: float) -> bool:
         return self.t0 is not None and self.t0 + self.length / self.rate >= t
 
-    def push(self, frame, stats: DecodeStats) -> None:
-        """Place ``frame``'s mono samples by its timestamp (``pyav_audio``'s rule), repair, resample, keep."""
+    def push(self, frame, time_s: float | None, stats: DecodeStats) -> None:
+        """Place ``frame``'s mono samples by its timestamp ``time_s`` (``pyav_audio``'s rule), repair, resample,
+        keep."""
         import av
 
-        if frame.time is None or frame.samples == 0:
+        if time_s is None or frame.samples == 0:
             return
         samples = mono_samples([frame])
         if self.first is None:
-            self.first = (frame.time, frame.sample_rate)
-            self.t0 = frame.time
+            self.first = (time_s, frame.sample_rate)
+            self.t0 = time_s
         t_first, rate = self.first
-        start = round((frame.time - t_first) * rate)
+        start = round((time_s - t_first) * rate)
         if abs(start - self.placed) > rate // 1000:  # over 1 ms off: a dropped packet or a discontinuity
-            stats.notes.append(f"audio: gap or overlap at {frame.time:.3f} s, samples placed by time")
+            stats.notes.append(f"audio: gap or overlap at {time_s:.3f} s, samples placed by time")
             if start > self.placed:
                 samples = np.concatenate([np.zeros(start - self.placed, dtype=np.float32), samples])
             else:

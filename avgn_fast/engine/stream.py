@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from avgn_fast.data.clip import Clip
-from avgn_fast.data.common import DecodeParams
+from avgn_fast.data.common import DecodeParams, check_file
 from avgn_fast.data.sequential import SequentialReader
 from avgn_fast.engine.batch import BatchPredictor, Prediction, error_line
 from avgn_fast.engine.windows import Window, WindowPlan, WindowPrediction, assemble
@@ -181,6 +181,7 @@ def predict_windows(batch: BatchPredictor, paths: Iterable, window_s: float, hop
             if stop.is_set():
                 return
             try:
+                check_file(path)  # a missing or empty file is named as decode names it
                 reader = read_windows(str(path), plan, params, items, stop)
                 end = reader.info.end_s
                 put(items, ("short", str(path), end) if end is not None and end < plan.window_s else ("done", path),

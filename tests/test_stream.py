@@ -1,0 +1,160 @@
+"""Windowed AVGN over long files and live sources: equal to predict on the cut file, in order, flat memory, live."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from media import default_frames, default_wave, write_video
+from random_models import random_model
+
+import avgn_fast
+from avgn_fast.checkpoint import save_checkpoint
+from avgn_fast.cli import main as cli_main
+from avgn_fast.config import AVGNConfig
+from avgn_fast.data.common import DecodeParams
+from avgn_fast.data.sequential import SequentialReader
+from avgn_fast.engine.predictor import Predictor
+from avgn_fast.engine.windows import WindowPlan
+
+CONFIG = AVGNConfig.from_name("tiny")
+FPS, RATE = 10, CONFIG.sample_rate
+# lossless, intra-only video and PCM audio: a cut-out stretch decodes to exactly the same frames and samples
+LOSSLESS = dict(codec="ffv1", audio="pcm_s16le", fps=FPS, sample_rate=RATE, size=(48, 64))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CONFIG, seed=3)
+
+
+@pytest.fixture(scope="module")
+def long_file(tmp_path_factory):
+    """10 s whose sound is silent within 30 ms of every whole second, so a stretch cut there hears the same
+    as the whole file (the STFT frames at a window's edges read a few ms beyond it)."""
+    seconds = 10
+    frames = default_frames(FPS * seconds, (48, 64), seed=1)
+    t = np.arange(RATE * seconds) / RATE
+    wave = default_wave(1, RATE * seconds, RATE, seed=1) * np.clip(np.abs(t - np.round(t)) / 0.03 - 0.5, 0, 1)
+    folder = tmp_path_factory.mktemp("long")
+    path = write_video(folder / "long.mkv", frames=frames, wave=wave.astype(np.float32), seconds=seconds, **LOSSLESS)
+    return path, frames, wave.astype(np.float32)
+
+
+def test_window_plan_merges_shared_times_and_checks_its_arguments():
+    plan = WindowPlan(4.0, 2.0, 16)
+    times = [t for _, t in zip(range(40), plan.all_times())]
+    assert times == sorted(times) and len(set(times)) == 40
+    assert times[:16] == plan.times(0) and times[16:24] == plan.times(1)[8:]  # hop W/2: half of each window shared
+    assert plan.shares_frames and not WindowPlan(4.0, 4.0, 16).shares_frames
+    assert not WindowPlan(4.0, 1.1, 16).shares_frames
+    for bad in [(0, 1, 16), (4, -1, 16), (4, 1, 0), (float("nan"), 1, 16)]:
+        with pytest.raises(ValueError):
+            WindowPlan(*bad)
+
+
+def test_window_equals_predict_on_that_window_cut_out(model, long_file, tmp_path):
+    path, frames, wave = long_file
+    predictor = Predictor(model, device="cpu", batch_size=4, num_workers=0, exit_threshold=None)
+    rows = predictor.predict([path], window_s=4.0, hop_s=2.0)
+    assert [(r.start_s, r.end_s) for r in rows] == [(0, 4), (2, 6), (4, 8), (6, 10)]
+    assert all(r.ok and r.latency_ms >= 0 for r in rows)
+    cost = model.cost().total(CONFIG.k)
+    glance = next(r.gmacs for r in model.flops_table() if r.name == "visual glance encoder")
+    assert rows[0].gflops == pytest.approx(cost)  # the first window computes all its frames' features
+    assert rows[1].gflops == pytest.approx(cost - glance * CONFIG.num_frames / 2)  # later ones half
+    for start in (4,):
+        cut = write_video(tmp_path / f"cut{start}.mkv", frames=frames[start * FPS:(start + 4) * FPS],
+                          wave=wave[:, start * RATE:(start + 4) * RATE], seconds=4, **LOSSLESS)
+        ref, row = predictor.predict([cut])[0], rows[start // 2]
+        assert row.label == ref.label and row.kept_frames == ref.kept_frames
+        assert row.score == pytest.approx(ref.score, abs=1e-4)
+        torch.testing.assert_close(torch.tensor(row.saliency), torch.tensor(ref.saliency), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(row.patch_boxes), torch.tensor(ref.patch_boxes), atol=0.05, rtol=0)
+        assert row.frame_times == pytest.approx([t + start for t in ref.frame_times], abs=1e-6)
+
+
+def test_segments_with_known_content_are_covered_in_order(tmp_path):
+    # five 2-s segments of flat grey, each its own level: every sample shows its segment's level
+    levels = [30, 80, 130, 180, 230]
+    frames = np.concatenate([np.full((2 * FPS, 48, 64, 3), v, np.uint8) for v in levels])
+    path = write_video(tmp_path / "segments.mp4", codec="h264", audio="aac", frames=frames, fps=FPS, seconds=10)
+    plan = WindowPlan(2.0, 1.0, CONFIG.num_frames)
+    reader = SequentialReader(str(path), DecodeParams.from_config(CONFIG))
+    samples = list(reader.samples(plan.all_times()))
+    assert reader.info.end_s == pytest.approx(10.0) and reader.info.audio_present
+    assert [s.time for s in samples] == sorted(s.time for s in samples) and samples[-1].time < 10
+    for s in samples:
+        assert abs(float(s.frame.float().mean()) - levels[int(s.time // 2)]) < 4, s.time
+    assert reader.stats.seeks == 0 and reader.stats.video_frames_decoded == 10 * FPS  # one pass, every frame once
+
+
+def test_memory_stays_flat_when_the_file_is_ten_times_longer(model, tmp_path):
+    # one process classifies a 4-s file, then the same video 10x longer: its peak RSS must not grow with the length
+    checkpoint = tmp_path / "random.pt"
+    save_checkpoint(checkpoint, model, class_names=[f"c{i}" for i in range(CONFIG.num_classes)])
+    short = write_video(tmp_path / "short.mp4", size=(96, 128), fps=FPS, seconds=4, sample_rate=RATE)
+    long = write_video(tmp_path / "long.mp4", size=(96, 128), fps=FPS, seconds=40, sample_rate=RATE)
+    code = textwrap.dedent(f"""
+        import resource
+        from avgn_fast.engine.predictor import Predictor
+        predictor = Predictor({str(checkpoint)!r}, device="cpu", batch_size=4, num_workers=0)
+        for path in ({str(short)!r}, {str(long)!r}):
+            n = sum(1 for r in predictor.predict_iter([path], window_s=2.0, hop_s=2.0) if r.ok)
+            print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (n_short, rss_short), (n_long, rss_long) = [(int(n), float(mb)) for n, mb in
+                                                (line.split() for line in done.stdout.splitlines())]
+    assert (n_short, n_long) == (2, 20)
+    assert rss_long < rss_short + 10, (rss_short, rss_long)
+
+
+def test_predict_cli_writes_window_rows_and_a_timeline(model, long_file, tmp_path, capsys):
+    checkpoint = tmp_path / "random.pt"
+    save_checkpoint(checkpoint, model, class_names=[f"c{i}" for i in range(CONFIG.num_classes)])
+    out, explain = tmp_path / "rows.jsonl", tmp_path / "explain"
+    missing = tmp_path / "missing.mp4"
+    code = cli_main(["predict", str(long_file[0]), str(missing), "--checkpoint", str(checkpoint), "--device", "cpu",
+                     "--window", "4", "--hop", "4", "--jsonl", str(out), "--explain", str(explain)])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["start_s"], r["end_s"]) for r in rows[:2]] == [(0, 4), (4, 8)]
+    assert rows[2]["path"] == str(missing) and "file not found" in rows[2]["error"]
+    assert {"label", "score", "topk", "frame_times", "patch_boxes", "gflops", "latency_ms"} <= set(rows[0])
+    assert [p.name for p in explain.iterdir()] == ["00000_long_timeline.png"]
+    assert "0.00s-4.00s" in capsys.readouterr().out
+    assert cli_main(["predict", str(long_file[0]), "--checkpoint", str(checkpoint), "--hop", "2"]) == 2
+
+
+def test_live_fifo_gives_a_row_per_hop_while_it_is_written(model, tmp_path):
+    fifo = tmp_path / "live.ts"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen([sys.executable, str(Path(__file__).with_name("live_media.py")), str(fifo), "4"],
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    finished = []
+    threading.Thread(target=lambda: (writer.wait(), finished.append(time.monotonic())), daemon=True).start()
+    rows, arrived = [], []
+    for row in avgn_fast.stream(str(fifo), model, window_s=2.0, hop_s=1.0, device="cpu", reconnects=0,
+                                options={"analyzeduration": "200000", "probesize": "4096"}):
+        rows.append(row)
+        arrived.append(time.monotonic())
+    assert writer.wait(timeout=30) == 0
+    assert [(r.start_s, r.end_s) for r in rows] == [(0, 2), (1, 3), (2, 4)]
+    assert all(r.ok and r.latency_ms is not None and r.latency_ms >= 0 for r in rows)
+    assert arrived[0] < finished[0]  # the first rows come while the writer is still writing
+    assert arrived[1] - arrived[0] > 0.5  # one per hop, at the pace of the source
+
+
+def test_stream_reports_a_failed_source_and_ends(model, tmp_path):
+    rows = list(avgn_fast.stream(str(tmp_path / "nothing.ts"), model, window_s=2.0, device="cpu", reconnects=1,
+                                 retry_s=0.0))
+    assert len(rows) == 2 and all(not r.ok and "cannot open" in r.error for r in rows)
