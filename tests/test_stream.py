@@ -158,3 +158,11 @@ def test_stream_reports_a_failed_source_and_ends(model, tmp_path):
     rows = list(avgn_fast.stream(str(tmp_path / "nothing.ts"), model, window_s=2.0, device="cpu", reconnects=1,
                                  retry_s=0.0))
     assert len(rows) == 2 and all(not r.ok and "cannot open" in r.error for r in rows)
+
+
+def test_stream_batches_the_windows_of_several_sources(model, tmp_path):
+    paths = [str(write_video(tmp_path / f"cam{i}.mp4", fps=FPS, seconds=4, sample_rate=RATE, seed=i)) for i in range(3)]
+    rows = list(avgn_fast.stream(paths, model, window_s=2.0, hop_s=2.0, device="cpu", batch_size=6))
+    for path in paths:
+        assert [(r.start_s, r.end_s) for r in rows if r.path == path] == [(0, 2), (2, 4)]
+    assert all(r.ok for r in rows) and len(rows) == 6

@@ -1,0 +1,236 @@
+"""Windowed and live AVGN on CPU: shared-glance saving, real-time sources per core, per-hop latency, window accuracy.
+
+    python benchmarks/bench_stream.py --avsynth AVSYNTH_DIR --checkpoint CK [--clips 60] [--window 4]
+                                      [--live-seconds 40] [--workdir /tmp/avgn_bench_stream]
+
+AVSynth test clips (``avgn-fast synth``; written into the workdir when ``--avsynth`` is left out) are
+concatenated into one long file, segment by segment, re-encoded (H.264 + AAC, the clips' own fps and
+sample rate). On it:
+
+1. cost: GMACs per second of video with hop = W and hop = W/2, as the windows spent them (each
+   frame's visual glance features computed once) and as recomputing every window from scratch would
+   (``WindowRunner.gmacs_saved`` added back); wall time of each run;
+2. real-time sources per core: the whole windowed path (front-to-back decode + model, hop = W/2) on
+   one core (process pinned to it, one torch thread): seconds of video classified per second of wall
+   time, which is how many real-time sources that core keeps up with;
+3. latency: the long file remuxed into a FIFO as MPEG-TS at real-time pace by a writer process;
+   ``avgn_fast.stream`` on the FIFO; p50 / p95 of the rows' ``latency_ms``;
+4. accuracy (with a trained ``--checkpoint``): the fraction of windows lying inside one segment whose
+   label is that segment's class.
+
+Prints one table and writes ``bench_stream.json`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def test_clips(avsynth: Path, count: int) -> list[tuple[Path, str]]:
+    """The first ``count`` test-split clips of an AVSynth folder with their labels."""
+    with open(avsynth / "labels.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    return [(avsynth / r["path"], r["label"]) for r in rows[:count]]
+
+
+def concat_clips(clips: list[tuple[Path, str]], out: Path) -> list[tuple[float, float, str]]:
+    """Write the clips one after another into ``out`` (H.264 + AAC); returns each segment's (start, end, label)."""
+    import av
+
+    with av.open(str(clips[0][0])) as first:
+        fps = first.streams.video[0].average_rate
+        rate = first.streams.audio[0].sample_rate
+        width, height = first.streams.video[0].width, first.streams.video[0].height
+    segments, frame_index, sample_index = [], 0, 0
+    with av.open(str(out), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        audio = container.add_stream("aac", rate=rate, layout="mono")
+        for path, label in clips:
+            start = frame_index / float(fps)
+            with av.open(str(path)) as clip:
+                images = [f.to_ndarray(format="rgb24") for f in clip.decode(video=0)]
+            with av.open(str(path)) as clip:
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+                wave = np.concatenate([r.to_ndarray().reshape(-1) for f in clip.decode(audio=0)
+                                       for r in resampler.resample(f)])
+            n_samples = round(len(images) / float(fps) * rate)  # the segment's sound, exactly its frames' span
+            wave = np.pad(wave[:n_samples], (0, max(n_samples - len(wave), 0)))
+            for img in images:
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+                frame.pts, frame.time_base = frame_index, Fraction(1) / fps
+                container.mux(video.encode(frame))
+                frame_index += 1
+            for i in range(0, n_samples, 1024):
+                chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[None, i:i + 1024]), format="flt",
+                                                   layout="mono")
+                chunk.sample_rate, chunk.pts = rate, sample_index + i
+                container.mux(audio.encode(chunk))
+            sample_index += n_samples
+            segments.append((start, frame_index / float(fps), label))
+        container.mux(video.encode(None))
+        container.mux(audio.encode(None))
+    return segments
+
+
+def windowed_run(checkpoint, path: Path, window: float, hop: float) -> dict:
+    """Every window of ``path``: rows, wall time, GMACs spent and what recomputing each window would have spent."""
+    from avgn_fast.engine.predictor import Predictor
+    from avgn_fast.engine.stream import WindowRunner, predict_windows
+
+    predictor = Predictor(checkpoint, device="cpu", batch_size=16, num_workers=1)
+    runner = WindowRunner(predictor.batch)
+    start = time.perf_counter()
+    rows = list(predict_windows(predictor.batch, [str(path)], window, hop, runner=runner))
+    wall = time.perf_counter() - start
+    errors = [r.error for r in rows if not r.ok]
+    if errors:
+        raise RuntimeError(f"{len(errors)} windows failed, first: {errors[0]}")
+    return {"rows": rows, "wall_s": wall, "gmacs_spent": runner.gmacs_spent,
+            "gmacs_recomputed": runner.gmacs_spent + runner.gmacs_saved}
+
+
+def one_core(checkpoint, path: Path, window: float, hop: float, duration: float) -> dict:
+    """Seconds of video classified per wall second with the process pinned to one core and one torch thread."""
+    code = f"""
+import json, os, sys, time, torch
+os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})
+torch.set_num_threads(1)
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from bench_stream import windowed_run
+windowed_run({str(checkpoint)!r}, __import__("pathlib").Path({str(path)!r}), {window}, {hop})  # warm-up
+run = windowed_run({str(checkpoint)!r}, __import__("pathlib").Path({str(path)!r}), {window}, {hop})
+print(json.dumps({{"wall_s": run["wall_s"], "windows": len(run["rows"])}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.splitlines()[-1])
+    result["video_s_per_s"] = duration / result["wall_s"]
+    return result
+
+
+def remux_live(src: str, dst: str) -> None:
+    """Copy ``src``'s packets into ``dst`` as MPEG-TS, each at its own time on the wall clock (a camera's pace)."""
+    import av
+
+    with av.open(src) as inp, av.open(dst, "w", format="mpegts", container_options={"flush_packets": "1"}) as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in (inp.streams.video[0], inp.streams.audio[0])}
+        start = time.monotonic()
+        for packet in inp.demux(*inp.streams.video, *inp.streams.audio):
+            if packet.dts is None:
+                continue
+            time.sleep(max(start + float(packet.dts * packet.time_base) - time.monotonic(), 0))
+            packet.stream = streams[packet.stream_index]
+            out.mux(packet)
+
+
+def live_latency(checkpoint, path: Path, workdir: Path, window: float, hop: float, seconds: float) -> dict:
+    """p50 / p95 latency of ``avgn_fast.stream`` on ``seconds`` of ``path`` played into a FIFO at real-time pace."""
+    import av
+
+    import avgn_fast
+
+    clip = workdir / "live_source.mp4"
+    with av.open(str(path)) as inp, av.open(str(clip), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in (inp.streams.video[0], inp.streams.audio[0])}
+        for packet in inp.demux(*inp.streams.video, *inp.streams.audio):
+            if packet.dts is not None and float(packet.dts * packet.time_base) < seconds:
+                packet.stream = streams[packet.stream_index]
+                out.mux(packet)
+    fifo = workdir / "live.ts"
+    if fifo.exists():
+        fifo.unlink()
+    os.mkfifo(fifo)
+    writer = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+                               f" from bench_stream import remux_live; remux_live({str(clip)!r}, {str(fifo)!r})"])
+    rows = list(avgn_fast.stream(str(fifo), checkpoint, window_s=window, hop_s=hop, device="cpu", reconnects=0,
+                                 options={"analyzeduration": "500000", "probesize": "32768"}))
+    writer.wait()
+    latency = np.array([r.latency_ms for r in rows if r.ok])
+    return {"rows": len(rows), "errors": sum(not r.ok for r in rows),
+            "p50_ms": float(np.percentile(latency, 50)), "p95_ms": float(np.percentile(latency, 95))}
+
+
+def accuracy(rows, segments) -> tuple[int, int]:
+    """(windows inside one segment whose label is the segment's class, windows inside one segment)."""
+    hits = total = 0
+    for r in rows:
+        inside = [label for start, end, label in segments if start - 1e-6 <= r.start_s and r.end_s <= end + 1e-6]
+        if inside:
+            total += 1
+            hits += r.label == inside[0]
+    return hits, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--avsynth", type=Path, default=None, help="AVSynth folder (default: written to the workdir)")
+    parser.add_argument("--checkpoint", default=None, help="trained tiny checkpoint (default: random weights, no "
+                                                            "accuracy)")
+    parser.add_argument("--clips", type=int, default=60, help="test clips concatenated")
+    parser.add_argument("--window", type=float, default=4.0, help="window seconds (default: one AVSynth clip)")
+    parser.add_argument("--live-seconds", type=float, default=40.0, help="seconds played into the FIFO")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/avgn_bench_stream"))
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.checkpoint
+    if args.avsynth is None:
+        from avgn_fast.data.synth import write_dataset
+
+        args.avsynth = write_dataset(args.workdir / "avsynth", max(args.clips * 5, 100), seed=0)
+    if checkpoint is None:
+        from avgn_fast.checkpoint import save_checkpoint
+        from avgn_fast.config import AVGNConfig
+        from avgn_fast.data.synth import CLASS_NAMES
+        from avgn_fast.models.avgn import AVGN
+
+        torch.manual_seed(0)
+        checkpoint = args.workdir / "random_tiny.pt"
+        save_checkpoint(checkpoint, AVGN(AVGNConfig.from_name("tiny")).eval(), class_names=CLASS_NAMES)
+    long = args.workdir / f"concat_{args.clips}.mp4"
+    segments = concat_clips(test_clips(args.avsynth, args.clips), long)
+    duration = segments[-1][1]
+    w = args.window
+    load = os.getloadavg()[0]
+    report = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cores": os.cpu_count(),
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "load_before": load,
+              "video_s": duration, "window_s": w, "runs": {}}
+    print(f"{len(segments)} clips, {duration:.0f} s of video, window {w:g} s; load average {load:.1f}")
+    print("| hop | windows | GMACs / s of video (shared glance) | recomputing each window | saving | wall s | "
+          "windows in one segment with its label |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for hop in (w, w / 2):
+        run = windowed_run(checkpoint, long, w, hop)
+        hits, total = accuracy(run["rows"], segments)
+        spent, full = run["gmacs_spent"] / duration, run["gmacs_recomputed"] / duration
+        report["runs"][f"hop={hop:g}"] = {"windows": len(run["rows"]), "gmacs_per_s": spent,
+                                          "gmacs_per_s_recomputed": full, "wall_s": run["wall_s"],
+                                          "label_matches": [hits, total]}
+        print(f"| {hop:g} s | {len(run['rows'])} | {spent:.4f} | {full:.4f} | {1 - spent / full:.1%} | "
+              f"{run['wall_s']:.1f} | {hits}/{total} = {hits / max(total, 1):.1%} |")
+    core = one_core(checkpoint, long, w, w / 2, duration)
+    report["one_core"] = core
+    print(f"one core, hop {w / 2:g} s: {core['video_s_per_s']:.1f} s of video per s "
+          f"({core['windows']} windows in {core['wall_s']:.1f} s): keeps up with {int(core['video_s_per_s'])} "
+          "real-time sources")
+    live = live_latency(checkpoint, long, args.workdir, w, w / 2, args.live_seconds)
+    report["live"] = live
+    print(f"live FIFO, {args.live_seconds:g} s at real-time pace, hop {w / 2:g} s: {live['rows']} rows "
+          f"({live['errors']} errors), latency p50 {live['p50_ms']:.0f} ms, p95 {live['p95_ms']:.0f} ms")
+    report["load_after"] = os.getloadavg()[0]
+    (args.workdir / "bench_stream.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
