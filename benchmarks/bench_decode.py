@@ -14,11 +14,13 @@ the last two with ``tests/media.py``'s content (gradient, moving square, noise) 
 Per file, in one process and run: (a) ours, ``decode_clip`` with every decode parameter of the
 configuration named in the table (tiny for AVSynth, paper for the others): 16 frames resized and cropped,
 plus the audio windows and their log-mel; (b) the codec's floor, PyAV decoding every video frame of the
-file with no conversion and one codec thread; (c) DALI's CPU reader (``decode_clip(backend="dali",
+file with no conversion and one codec thread; (d) the floor of a decoder that returns the sound too: (b)
+plus every frame of the audio stream, demuxed together; (c) DALI's CPU reader (``decode_clip(backend="dali",
 device="cpu")``) where its decoder reads the codec (VP8/VP9/MJPEG), else n/a. Each time is the best of
-``--repeat`` rounds after one warm-up call; (a), (b) and (c) take turns within each round, so load from
-other processes falls on all three alike. (a) also gets its CPU time (the least of the rounds, every
-thread of the process counted) and videos per CPU-second, which threads cannot flatter. Then the
+``--repeat`` rounds after one warm-up call; (a), (b), (c) and (d) take turns within each round, so load from
+other processes falls on all of them alike. Each also gets its CPU time (the least of the rounds, every
+thread of the process counted; the CPU ratios hold best on a loaded machine), and (a) its videos per
+CPU-second, which threads cannot flatter. Then the
 model's rate for comparison: tiny ``AVGN`` (random weights, eager fp32) ``glance`` on a batch of the
 decoded AVSynth clips, best of ``--repeat``.
 
@@ -132,6 +134,20 @@ def decode_floor(path: Path) -> int:
         return sum(1 for _ in container.decode(stream))
 
 
+def decode_floor_av(path: Path) -> tuple[int, int]:
+    """(d): (b) plus every frame of the first audio stream, one codec thread each and no conversion: the
+    least a decoder that returns the sound too must spend; returns the (video, audio) frame counts."""
+    import av
+
+    with av.open(str(path)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        video.thread_count = audio.thread_count = 1
+        counts = {video.index: 0, audio.index: 0}
+        for packet in container.demux(video, audio):  # the last packet of each stream is empty: it flushes
+            counts[packet.stream.index] += len(packet.decode())
+        return counts[video.index], counts[audio.index]
+
+
 def decode_dali(path: Path, config_name: str):
     """(c): DALI's CPU pipeline on one file, returning its ``Clip``."""
     from avgn_fast.data.decode import decode_clip
@@ -190,15 +206,19 @@ def source_info(path: Path) -> dict:
 def bench_file(m: Media, path: Path, repeat: int) -> dict:
     """One table row: (a), (b) and (c) on one file, in ms, with the ratios to the floor."""
     dali_na = dali_unavailable(path, m.config)
-    fns = {"ours": lambda: decode_ours(path, m.config), "floor": lambda: decode_floor(path)}
+    fns = {"ours": lambda: decode_ours(path, m.config), "floor": lambda: decode_floor(path),
+           "floor_av": lambda: decode_floor_av(path)}
     if dali_na is None:
         fns["dali"] = lambda: decode_dali(path, m.config)
     (ours, ours_cpu), (floor, floor_cpu) = (ms := best_ms(fns, repeat))["ours"], ms["floor"]
     dali, dali_cpu = ms.get("dali", (None, None))
+    floor_av, floor_av_cpu = ms["floor_av"]
     kw = decode_kwargs(m.config)
     return dict(file=m.name, **source_info(path), config=m.config, num_frames=kw["num_frames"], size=kw["size"],
                 resize_shorter=kw["resize_shorter"], ours_ms=ours, ours_cpu_ms=ours_cpu, floor_ms=floor,
-                floor_cpu_ms=floor_cpu, ours_vs_floor=ours / floor, dali_ms=dali, dali_cpu_ms=dali_cpu,
+                floor_cpu_ms=floor_cpu, ours_vs_floor=ours / floor, ours_cpu_vs_floor_cpu=ours_cpu / floor_cpu,
+                floor_av_ms=floor_av, floor_av_cpu_ms=floor_av_cpu, ours_vs_floor_av=ours / floor_av,
+                ours_cpu_vs_floor_av_cpu=ours_cpu / floor_av_cpu, dali_ms=dali, dali_cpu_ms=dali_cpu,
                 dali_vs_floor=None if dali is None else dali / floor, dali_na=dali_na,
                 ours_videos_per_s=1000 / ours, ours_videos_per_cpu_s=1000 / ours_cpu)
 
@@ -254,18 +274,20 @@ def machine(pinned: bool) -> dict:
 
 def print_table(info: dict, rows: list[dict], model: dict, repeat: int) -> None:
     print(", ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"best of {repeat} interleaved rounds after one warm-up; (a) ours, (b) PyAV decodes every frame, "
-          "(c) DALI CPU\n")
-    head = ("file", "source", "config (T, S/shorter)", "ms (a)", "ms (b)", "a/b", "ms (c)", "c/b", "videos/s (a)",
-            "CPU ms (a)", "videos/CPU-s (a)")
+    print(f"best of {repeat} interleaved rounds after one warm-up; (a) ours, (b) PyAV decodes every video frame, "
+          "(c) DALI CPU, (d) PyAV decodes every video and audio frame; CPU: least process time of the rounds\n")
+    head = ("file", "source", "config (T, S/shorter)", "ms (a)", "ms (b)", "a/b", "CPU a/b", "ms (d)", "a/d",
+            "CPU a/d", "ms (c)", "c/b", "videos/s (a)", "CPU ms (a)", "videos/CPU-s (a)")
     print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * 3 + "---:|" * 8)
+    print("|" + "---|" * 3 + "---:|" * (len(head) - 3))
     for r in rows:
         source = f"{r['codec']} {r['width']}x{r['height']}, {r['frames']} frames, {r['keyframes']} key"
         config = f"{r['config']} ({r['num_frames']}, {r['size']}/{r['resize_shorter']})"
         dali = ("n/a", "n/a") if r["dali_ms"] is None else (f"{r['dali_ms']:.1f}", f"{r['dali_vs_floor']:.2f}x")
         cells = (r["file"], source, config, f"{r['ours_ms']:.1f}", f"{r['floor_ms']:.1f}",
-                 f"{r['ours_vs_floor']:.2f}x", *dali, f"{r['ours_videos_per_s']:.1f}", f"{r['ours_cpu_ms']:.1f}",
+                 f"{r['ours_vs_floor']:.2f}x", f"{r['ours_cpu_vs_floor_cpu']:.2f}x", f"{r['floor_av_ms']:.1f}",
+                 f"{r['ours_vs_floor_av']:.2f}x", f"{r['ours_cpu_vs_floor_av_cpu']:.2f}x", *dali,
+                 f"{r['ours_videos_per_s']:.1f}", f"{r['ours_cpu_ms']:.1f}",
                  f"{r['ours_videos_per_cpu_s']:.1f}")
         print("| " + " | ".join(cells) + " |")
     for r in rows:

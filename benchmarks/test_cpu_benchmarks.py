@@ -1,8 +1,8 @@
 """The CPU benchmarks under pytest-benchmark, one torch thread: ``pytest benchmarks --benchmark-only``.
 
 Per file of ``bench_decode.MEDIA``, grouped by file so the table's ratio columns read against the
-codec's floor: our decode, PyAV decoding every frame (the floor) and DALI's CPU reader (skipped
-where it cannot read the codec). Then the naive per-file loop and the Predictor of
+codec's floor: our decode, PyAV decoding every video frame (the floor), every video and audio frame,
+and DALI's CPU reader (skipped where it cannot read the codec). Then the naive per-file loop and the Predictor of
 ``bench_predictor`` on a few AVSynth videos, grouped together. Save a run with
 ``--benchmark-save=NAME`` (or ``--benchmark-autosave``; runs go to ``.benchmarks/``) and compare a
 later one with ``--benchmark-compare``. The normal test run collects only ``tests/`` and passes
@@ -46,6 +46,12 @@ def test_decode_floor(benchmark, decode_media, name):
     benchmark.group = f"decode {name}"
     assert timed(benchmark, bench_decode.decode_floor, decode_media[name]) == MEDIA[name].frames
 
+
+@pytest.mark.parametrize("name", list(MEDIA))
+def test_decode_floor_with_audio(benchmark, decode_media, name):
+    benchmark.group = f"decode {name}"
+    video, audio = timed(benchmark, bench_decode.decode_floor_av, decode_media[name])
+    assert video == MEDIA[name].frames and audio > 0
 
 @pytest.mark.parametrize("name", list(MEDIA))
 def test_decode_dali_cpu(benchmark, decode_media, name):

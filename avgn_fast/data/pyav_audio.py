@@ -22,6 +22,8 @@ from avgn_fast.data.pyav_streams import PacketReader
 _AUDIO_PREROLL_S = 0.5  # decoded before each audio read: codec warm-up after a seek (Opus needs 80 ms)
 _AUDIO_MERGE_GAP_S = 2.0  # audio windows closer than this are read in one pass rather than two seeks
 _CLIP_NOTE_FRACTION = 0.01  # clipping is noted when more samples than this fraction were outside [-1, 1]
+_SAMPLE_DTYPE = {"u8": np.uint8, "s16": np.int16, "s32": np.int32, "s64": np.int64, "flt": np.float32,
+                 "dbl": np.float64}  # by sample format, planar or packed
 _SAMPLE_SCALE = {np.dtype(np.uint8): 1 / 128, np.dtype(np.int16): 1 / 32768, np.dtype(np.int32): 1 / 2 ** 31,
                  np.dtype(np.int64): 1 / 2 ** 63, np.dtype(np.float32): 1.0, np.dtype(np.float64): 1.0}
 
@@ -86,36 +88,25 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
 
     ``lo`` may be negative: an AAC stream in mp4 starts with a priming packet at a negative pts, and
     a read from 0 would skip it, so the decoder's first frame (~20-60 ms of sound) came out near silent.
-    The decoded frames are averaged to mono one by one, placed by their timestamps (a gap over 1 ms
-    becomes silence, an overlap is cut, both noted) and resampled together in one call.
+    The decoded frames are placed by their timestamps (a gap over 1 ms becomes silence, an overlap is
+    cut, both noted), averaged to mono and resampled together: the loop over frames (20 ms each for
+    Opus) does no more than collect them, all timestamp arithmetic is on integer pts.
     """
     import av
 
-    pieces, first, placed, gaps = [], None, 0, 0
-    for frame in reader.frames(stream, math.floor(lo / stream.time_base)):
+    time_base = stream.time_base
+    end = math.floor(hi / time_base)  # a frame starting after this pts lies past the window
+    frames = []
+    for frame in reader.frames(stream, math.floor(lo / time_base)):
         stats.audio_frames_decoded += 1
-        if frame.time is not None and frame.time > hi:
+        if frame.pts is not None and frame.pts > end:
             break
-        if first is None:
-            first = frame
-        samples = mono_samples(frame)
-        if frame.time is not None and first.time is not None:
-            # placed by timestamp: a gap (a dropped packet, a discontinuity) is silence, an overlap is cut
-            start = round((frame.time - first.time) * first.sample_rate)
-            if abs(start - placed) > first.sample_rate // 1000:  # over 1 ms off: not rounding
-                gaps += 1
-                if start > placed:
-                    pieces.append(np.zeros(start - placed, dtype=np.float32))
-                else:
-                    samples = samples[placed - start:]
-                placed = start
-        pieces.append(samples)
-        placed += len(samples)
-    if first is None:
+        frames.append(frame)
+    if not frames:
         return None, None
-    if gaps:
-        stats.notes.append(f"audio: {gaps} gaps or overlaps in the timestamps, samples placed by time")
-    mono = np.concatenate(pieces)
+    first = frames[0]
+    pieces = _placed(frames, first.sample_rate, stats)
+    mono = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     repaired[2] += mono.size
     bad = ~np.isfinite(mono)
     if bad.any():
@@ -135,11 +126,57 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
     return torch.from_numpy(np.concatenate([o.to_ndarray().reshape(-1) for o in out])), t0
 
 
-def mono_samples(frame) -> np.ndarray:
-    """The channel mean of an audio frame of any layout and sample format: float32 (n,), full scale ±1."""
-    data = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels)
-    channels = frame.layout.nb_channels
-    samples = data if frame.format.is_planar else data.reshape(-1, channels).T
+def _placed(frames: list, rate: int, stats: DecodeStats) -> list[np.ndarray]:
+    """The frames' samples as mono float32 pieces laid end to end by timestamp: silence fills a gap, an
+    overlap is cut (both noted). Runs of frames of one layout and format are downmixed in one call."""
+    first = frames[0]
+    num, den = first.time_base.numerator, first.time_base.denominator  # integer arithmetic: no Fraction per frame
+    pieces, placed, gaps = [], 0, 0
+    run, run_key = [], None  # consecutive frames of one layout and format, downmixed together
+    for frame in frames:
+        key = (frame.format.name, frame.layout.nb_channels)
+        if key != run_key and run:
+            pieces.append(mono_samples(run))
+            run = []
+        run_key = key
+        n = frame.samples
+        if frame.pts is not None and first.pts is not None:
+            start = round((frame.pts - first.pts) * num * rate / den)
+            if abs(start - placed) > rate // 1000:  # over 1 ms off: not rounding
+                gaps += 1
+                if run:
+                    pieces.append(mono_samples(run))
+                    run = []
+                if start > placed:
+                    pieces.append(np.zeros(start - placed, dtype=np.float32))
+                else:
+                    pieces.append(mono_samples([frame])[placed - start:])
+                    placed = max(placed, start + n)
+                    continue
+                placed = start
+        run.append(frame)
+        placed += n
+    if run:
+        pieces.append(mono_samples(run))
+    if gaps:
+        stats.notes.append(f"audio: {gaps} gaps or overlaps in the timestamps, samples placed by time")
+    return pieces
+
+
+def mono_samples(frames: list) -> np.ndarray:
+    """The channel mean of audio frames of one layout and sample format, end to end: float32 (n,), full scale ±1.
+
+    Samples are read from the frames' planes as they lie (one view per plane, no per-frame array
+    building): a 20-ms Opus frame would otherwise cost more to convert than to decode.
+    """
+    first = frames[0]
+    dtype, channels = _SAMPLE_DTYPE[first.format.name.removesuffix("p")], first.layout.nb_channels
+    if first.format.is_planar:  # one plane per channel
+        views = [[np.frombuffer(p, dtype, f.samples) for p in f.planes[:channels]] for f in frames]
+        samples = np.stack([np.concatenate([v[c] for v in views]) for c in range(channels)])
+    else:  # one plane of interleaved samples
+        views = [np.frombuffer(f.planes[0], dtype, f.samples * channels) for f in frames]
+        samples = (views[0] if len(views) == 1 else np.concatenate(views)).reshape(-1, channels).T
     scale = np.float32(_SAMPLE_SCALE[samples.dtype])
     if samples.dtype == np.uint8:  # unsigned 8-bit is offset binary
         samples = samples.astype(np.float32) - 128

@@ -31,6 +31,7 @@ import io
 import os
 import threading
 
+import numpy as np
 import torch
 
 from avgn_fast.data.audio import segments_log_mel
@@ -50,6 +51,7 @@ from avgn_fast.data.pyav_audio import read_audio
 from avgn_fast.data.pyav_streams import PacketReader, demux_all, probe_video, timestamp
 
 IN_MEMORY_BYTES = 64 << 20  # files up to this size are demuxed once into memory instead of seeked
+RESTART_GAP = 8  # frames between the last decoded one and the next keyframe that are read through, not skipped
 _local = threading.local()  # one scaler per decoding thread, reused across files
 
 
@@ -167,11 +169,12 @@ class FrameConverter:
         turns, displayed, (h, w) = frame_geometry(frame.rotation, frame.height, frame.width,
                                                   self.params.resize_shorter)
         rgb = self.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation=self.interpolation,
-                                        threads=1).to_ndarray()
-        img = torch.from_numpy(rgb).permute(2, 0, 1)
+                                        threads=1).to_ndarray()  # (h, w, 3)
         if turns:
-            img = torch.rot90(img, turns, dims=(1, 2))
-        return _Frame(center_crop(img, self.params.size).contiguous(), displayed)
+            rgb = np.rot90(rgb, turns, axes=(0, 1))  # as torch.rot90 over (H, W): first axis towards the second
+        # centre crop and channels first in numpy, one copy: per-frame torch calls cost more than the crop
+        chw = center_crop(rgb.transpose(2, 0, 1), self.params.size)
+        return _Frame(torch.from_numpy(np.ascontiguousarray(chw)), displayed)
 
 
 def _decode_frames(reader: PacketReader, stream, probe: VideoProbe, indices: list[int], convert: FrameConverter,
@@ -179,7 +182,9 @@ def _decode_frames(reader: PacketReader, stream, probe: VideoProbe, indices: lis
     """The frames at ``indices`` (or their nearest decodable neighbours), converted, by probe index.
 
     Decoding stops at the last frame needed; a restart (seek) happens only when the next needed
-    frame's keyframe lies beyond the last decoded frame.
+    frame's keyframe lies more than ``RESTART_GAP`` frames beyond the last decoded frame: a restart
+    throws away what the decoder holds (its reorder delay) and decodes it again, which costs more
+    than reading on through a short gap.
     """
     found = {}
     decoded = None
@@ -189,7 +194,8 @@ def _decode_frames(reader: PacketReader, stream, probe: VideoProbe, indices: lis
         target = probe.pts[j]
         k = bisect.bisect_right(probe.keyframes, target) - 1
         key, key_dts = (probe.keyframes[k], probe.key_dts[k]) if k >= 0 else (probe.pts[0], probe.pts[0])
-        if decoded is None or (pos is not None and key > pos):
+        gap = None if pos is None else bisect.bisect_left(probe.pts, key) - bisect.bisect_right(probe.pts, pos)
+        if decoded is None or (gap is not None and gap > RESTART_GAP):
             decoded = reader.frames(stream, key, key_dts)
             prev = cur = None
         while cur is None or timestamp(cur) < target:

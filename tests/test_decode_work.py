@@ -1,0 +1,122 @@
+"""The pyav decoder does only the work a clip needs, and the shortcuts keep its output exact.
+
+Short gaps between needed frames are read through rather than restarted from a keyframe (a restart
+decodes the decoder's reorder delay again); audio frames are collected and downmixed in runs, placed
+by integer timestamps, with an overlap cut once and the timeline kept.
+"""
+
+import math
+
+import av
+import numpy as np
+import pytest
+import torch
+from media import frame_level, indexed_frames, write_video
+
+from avgn_fast.data import pyav_backend
+from avgn_fast.data.audio import LOG_EPS
+from avgn_fast.data.decode import DecodeStats, decode_clip
+from avgn_fast.data.pyav_audio import mono_samples
+
+SILENCE = math.log(LOG_EPS)
+
+
+@pytest.fixture(params=["memory", "seek"])
+def read_mode(request, monkeypatch):
+    """Both ways the pyav backend reads: small files demuxed once into memory, large ones by seeking."""
+    if request.param == "seek":
+        monkeypatch.setattr(pyav_backend, "IN_MEMORY_BYTES", 0)
+    return request.param
+
+
+def test_short_gaps_are_read_through_not_restarted(tmp_path, read_mode):
+    # 48 frames, a keyframe every 4, T=16 needs frames 1, 4, 7, ..., 46: every keyframe after the first lies
+    # within RESTART_GAP of the last decoded frame, so one pass decodes frames 0..46 and nothing twice
+    path = write_video(tmp_path / "gop4.mp4", frames=indexed_frames(48, (32, 32)), fps=12, seconds=4.0, gop=4,
+                       audio=None)
+    stats = DecodeStats()
+    clip = decode_clip(path, num_frames=16, size=32, stats=stats)
+    expected = [math.floor(12 * (i + 0.5) * 0.25) for i in range(16)]
+    torch.testing.assert_close(clip.frames.float().mean(dim=(1, 2, 3)),
+                               torch.tensor([float(frame_level(j)) for j in expected]), atol=3.0, rtol=0)
+    assert stats.video_frames_decoded == expected[-1] + 1
+    assert stats.seeks <= 1  # the seek path seeks once, to the start
+
+
+def test_long_gaps_still_restart_from_the_keyframe(tmp_path, read_mode):
+    # 240 frames, a keyframe every 30, T=4 needs frames 30, 90, 150, 210: each lies on a keyframe far past the last
+    path = write_video(tmp_path / "gop30.mp4", frames=indexed_frames(240, (32, 32)), fps=12, seconds=20.0, gop=30,
+                       audio=None)
+    stats = DecodeStats()
+    clip = decode_clip(path, num_frames=4, size=32, stats=stats)
+    expected = [math.floor(12 * (i + 0.5) * 5) for i in range(4)]
+    torch.testing.assert_close(clip.frames.float().mean(dim=(1, 2, 3)),
+                               torch.tensor([float(frame_level(j)) for j in expected]), atol=3.0, rtol=0)
+    assert pyav_backend.RESTART_GAP < 30
+    assert stats.video_frames_decoded <= 4 * (pyav_backend.RESTART_GAP + 8)  # not the 211 of one pass
+
+
+def test_overlapping_audio_is_cut_once_and_later_audio_keeps_its_time(tmp_path):
+    """A 0.1-s chunk that starts 50 ms before the previous one ends: the overlap is cut and the audio after it
+    stays where its timestamps put it, with no hole (a tone from 0 to 2 s, so every window is loud)."""
+    path, rate, chunk = tmp_path / "overlap.mkv", 16000, 1600
+    starts = [0, 1600, 2400, *range(4000, 2 * rate, chunk)]  # [2400, 4000) overlaps [1600, 3200) by 800 samples
+    with av.open(str(path), "w") as c:
+        video = c.add_stream("ffv1", rate=10)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        audio = c.add_stream("pcm_s16le", rate=rate, layout="mono")
+        for i, img in enumerate(indexed_frames(20, (32, 32))):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            c.mux(video.encode(frame))
+        c.mux(video.encode(None))
+        t = np.arange(chunk) / rate
+        for start in starts:
+            tone = (0.4 * np.sin(2 * np.pi * 440 * (t + start / rate)) * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(tone[None], format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            c.mux(audio.encode(frame))
+        c.mux(audio.encode(None))
+    # windows of 0.2 s at 0.25, 0.75, 1.25, 1.75 s: the first holds the overlap's end (0.25 s), where a wrong
+    # running position would have put 50 ms of silence and pushed everything after it 50 ms late
+    clip = decode_clip(path, num_frames=4, size=32, audio_window_s=0.2)
+    loudest_bin = clip.mel.amax(dim=1)  # (T, steps): every 10-ms step of every window holds the tone
+    assert clip.audio_present and any("overlaps" in note for note in clip.notes), clip.notes
+    assert (loudest_bin > SILENCE + 8).all(), loudest_bin.min(dim=1)
+
+
+def frames_of(fmt: str, layout: str, lengths: list[int], seed: int) -> tuple[list, list[np.ndarray]]:
+    """Audio frames of random samples in one sample format and layout, and each frame's samples as
+    float64 (channels, n) at full scale ±1 (offset binary for u8), built from the arrays given to PyAV."""
+    rng = np.random.default_rng(seed)
+    channels = av.AudioLayout(layout).nb_channels
+    dtype = {"s16": np.int16, "s16p": np.int16, "u8": np.uint8, "fltp": np.float32, "flt": np.float32,
+             "dbl": np.float64, "s32p": np.int32}[fmt]
+    planar = fmt.endswith("p")
+    frames, truth = [], []
+    for n in lengths:
+        if np.issubdtype(dtype, np.floating):
+            data = rng.uniform(-1, 1, (channels, n)).astype(dtype)
+            value = data.astype(np.float64)
+        else:
+            info = np.iinfo(dtype)
+            data = rng.integers(info.min, info.max, (channels, n), endpoint=True).astype(dtype)
+            offset = 128 if dtype == np.uint8 else 0
+            value = (data.astype(np.float64) - offset) / (2.0 ** (8 * data.itemsize - 1))
+        array = data if planar else data.T.reshape(1, -1)  # packed: channels interleaved in one plane
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(array), format=fmt, layout=layout)
+        frame.sample_rate = 16000
+        frames.append(frame)
+        truth.append(value)
+    return frames, truth
+
+
+@pytest.mark.parametrize("fmt,layout", [("fltp", "stereo"), ("s16", "stereo"), ("s16p", "5.1"), ("u8", "mono"),
+                                        ("dbl", "mono"), ("s32p", "stereo"), ("flt", "quad")])
+def test_mono_samples_of_a_run_is_the_channel_mean_end_to_end(fmt, layout):
+    frames, truth = frames_of(fmt, layout, [960, 1, 333, 1024], seed=len(fmt) + len(layout))
+    expected = np.concatenate(truth, axis=1).mean(0)
+    got = mono_samples(frames)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(mono_samples(frames[2:3]), truth[2].mean(0), rtol=0, atol=1e-6)
