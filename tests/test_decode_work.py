@@ -17,6 +17,7 @@ from avgn_fast.data import pyav_backend
 from avgn_fast.data.audio import LOG_EPS
 from avgn_fast.data.decode import DecodeStats, decode_clip
 from avgn_fast.data.pyav_audio import mono_samples
+from avgn_fast.data.pyav_streams import demux_all, probe_from_index, probe_video
 
 SILENCE = math.log(LOG_EPS)
 
@@ -120,3 +121,29 @@ def test_mono_samples_of_a_run_is_the_channel_mean_end_to_end(fmt, layout):
     assert got.dtype == np.float32 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(mono_samples(frames[2:3]), truth[2].mean(0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,indexed", [("cfr.mp4", True), ("cfr.mov", True), ("mjpeg.avi", True),
+                                          ("vfr.mp4", False), ("cfr.mkv", False), ("cfr.webm", False)])
+def test_large_files_probe_from_the_index_where_it_is_exact(tmp_path, monkeypatch, name, indexed):
+    """A file read by seeking skips the demux pass when the container's index gives every frame's time
+    (mp4, mov, AVI at a constant rate); the probe, and so the clip, are those of the demux pass."""
+    codec = {"avi": "mjpeg", "webm": "vp9", "mkv": "h264"}.get(name.rsplit(".", 1)[1], "h264")
+    pts_s = [0.1 * i + (0.05 if i % 3 == 0 else 0) for i in range(30)] if name == "vfr.mp4" else None
+    audio = {"avi": "pcm_s16le", "webm": "opus", "mkv": "flac"}.get(name.rsplit(".", 1)[1], "aac")
+    path = write_video(tmp_path / name, codec=codec, frames=indexed_frames(30, (32, 32)), seconds=3.0, gop=7,
+                       audio=audio, pts_s=pts_s)
+    with av.open(str(path)) as c:
+        from_index = probe_from_index(c, c.streams.best("video"))
+    with av.open(str(path)) as c:
+        demuxed = probe_video(c, path)  # no packets given: the index where it is exact, else a demux pass
+    with av.open(str(path)) as c:
+        stream = c.streams.best("video")
+        reference = probe_video(c, path, demux_all(c, [stream])[stream.index])
+    assert (from_index is not None) == indexed
+    assert demuxed == reference and (from_index is None or from_index == reference)
+    in_memory = decode_clip(path, num_frames=8, size=32)
+    monkeypatch.setattr(pyav_backend, "IN_MEMORY_BYTES", 0)
+    seeking = decode_clip(path, num_frames=8, size=32)
+    assert torch.equal(seeking.frames, in_memory.frames) and torch.equal(seeking.frame_times, in_memory.frame_times)
+    torch.testing.assert_close(seeking.mel, in_memory.mel, rtol=0, atol=1e-4)

@@ -1,11 +1,13 @@
 """The ``pyav`` decode backend: FFmpeg on the CPU, T sampled frames and their audio windows per file.
 
 Reading. A file up to ``IN_MEMORY_BYTES`` is demuxed once, video and audio packets kept in memory,
-and decoded from there: no seek, no second read. A larger file is demuxed once for the video
-timestamps and then read by seeking (``pyav_streams.PacketReader``): per sampled frame it decodes
-from the keyframe before it only when that keyframe lies beyond what it has already decoded, so a
-long file costs about T groups of pictures, not the whole stream; decoding stops at the last frame
-needed, and audio is read only around the windows (``pyav_audio``).
+and decoded from there: no seek, no second read. A larger file takes its video timestamps from the
+container's index where that is exact (mp4, mov, AVI at a constant frame rate:
+``pyav_streams.probe_from_index``), else from one demux pass, and is then read by seeking
+(``pyav_streams.PacketReader``): per sampled frame it decodes from the keyframe before it only when
+that keyframe lies more than ``RESTART_GAP`` frames beyond what it has already decoded, so a long
+file costs about T groups of pictures, not the whole stream; decoding stops at the last frame needed,
+and audio is read only around the windows (``pyav_audio``).
 
 Pixels. Each chosen frame is scaled and converted to RGB in one swscale pass, straight to the
 resized size (``common.resized_shape``; bilinear, which widens its filter when it shrinks, so it is

@@ -13,6 +13,7 @@ import itertools
 from avgn_fast.data.common import DecodeError, DecodeStats, VideoProbe
 
 _DEFAULT_FRAME_S = 0.04  # duration of a lone frame whose container gives none
+_INDEX_CHECK_PACKETS = 16  # packets demuxed to check that the index places them where it says
 
 
 def demux_all(container, streams) -> dict[int, list]:
@@ -38,6 +39,9 @@ def probe_video(container, path, packets: list | None = None) -> VideoProbe:
     if stream is None:
         raise DecodeError(path, "no video stream")
     if packets is None:
+        indexed = probe_from_index(container, stream)
+        if indexed is not None:
+            return indexed
         packets = demux_all(container, [stream])[stream.index]
     stamps, keys = set(), {}
     last = 0  # duration of the last packet in decode order: the last sample's duration in mp4/mkv/webm/avi
@@ -60,6 +64,36 @@ def probe_video(container, path, packets: list | None = None) -> VideoProbe:
     keyframes = sorted(keys)
     return VideoProbe(codec=stream.codec_context.name, pts=pts, keyframes=keyframes,
                       key_dts=[keys[k] for k in keyframes], time_base=tb, end=end, fps=rate,
+                      has_audio=container.streams.best("audio") is not None)
+
+
+def probe_from_index(container, stream, check: int = _INDEX_CHECK_PACKETS) -> VideoProbe | None:
+    """The probe read from the container's index instead of a demux pass over the whole file, where that
+    index is exact: one entry per frame (mp4, mov, AVI), evenly spaced (constant frame rate), and the first
+    ``check`` packets where it puts them; else None (mkv/webm cues list keyframes only, MPEG-TS has none).
+
+    The index holds decode timestamps; with a constant frame rate the presentation timestamps are the
+    same set shifted by the first packet's reorder delay, and so are the keyframes'.
+    """
+    entries = stream.index_entries
+    n = len(entries)
+    if n < 2 or n != stream.frames or stream.time_base is None:
+        return None
+    dts = [e.timestamp for e in entries]
+    step = dts[1] - dts[0]
+    if step <= 0 or any(b - a != step for a, b in itertools.pairwise(dts)):
+        return None
+    first = list(itertools.islice((p for p in container.demux(stream) if p.size), min(check, n)))
+    if not first or first[0].pts is None or first[0].dts != dts[0]:
+        return None
+    shift = first[0].pts - first[0].dts
+    pts = [d + shift for d in dts]
+    if any(p.dts != d or p.pts is None or (p.pts - pts[0]) % step for p, d in zip(first, dts)):
+        return None
+    keys = [(d + shift, d) for d, e in zip(dts, entries) if e.is_keyframe] or [(pts[0], dts[0])]
+    return VideoProbe(codec=stream.codec_context.name, pts=pts, keyframes=[k for k, _ in keys],
+                      key_dts=[d for _, d in keys], time_base=stream.time_base, end=pts[-1] + step,
+                      fps=float(stream.average_rate) if stream.average_rate else 1 / float(step * stream.time_base),
                       has_audio=container.streams.best("audio") is not None)
 
 
