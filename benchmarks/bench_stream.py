@@ -85,6 +85,18 @@ def concat_clips(clips: list[tuple[Path, str]], out: Path) -> list[tuple[float, 
     return segments
 
 
+def decode_floor(path: Path) -> float:
+    """Seconds to decode every video and audio frame of ``path`` once, front to back, converting nothing: the
+    floor of any pass over the file."""
+    import av
+
+    start = time.perf_counter()
+    with av.open(str(path)) as container:
+        for _ in container.decode(*container.streams.video, *container.streams.audio):
+            pass
+    return time.perf_counter() - start
+
+
 def windowed_run(checkpoint, path: Path, window: float, hop: float) -> dict:
     """Every window of ``path``: rows, wall time, GMACs spent and what recomputing each window would have spent."""
     from avgn_fast.engine.predictor import Predictor
@@ -173,12 +185,22 @@ def accuracy(rows, segments) -> tuple[int, int]:
     return hits, total
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--avsynth", type=Path, default=None, help="AVSynth folder (default: written to the workdir)")
     parser.add_argument("--checkpoint", default=None, help="trained tiny checkpoint (default: random weights, no "
                                                             "accuracy)")
     parser.add_argument("--clips", type=int, default=60, help="test clips concatenated")
+    parser.add_argument("--repeat", type=int, default=1, help="concatenate the clips this many times")
     parser.add_argument("--window", type=float, default=4.0, help="window seconds (default: one AVSynth clip)")
     parser.add_argument("--live-seconds", type=float, default=40.0, help="seconds played into the FIFO")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/avgn_bench_stream"))
@@ -198,18 +220,28 @@ def main() -> None:
         torch.manual_seed(0)
         checkpoint = args.workdir / "random_tiny.pt"
         save_checkpoint(checkpoint, AVGN(AVGNConfig.from_name("tiny")).eval(), class_names=CLASS_NAMES)
-    long = args.workdir / f"concat_{args.clips}.mp4"
-    segments = concat_clips(test_clips(args.avsynth, args.clips), long)
+    long = args.workdir / f"concat_{args.clips}x{args.repeat}.mp4"
+    listing = long.with_suffix(".json")  # the segments of a concatenation written before, reused
+    if long.exists() and listing.exists():
+        segments = [tuple(x) for x in json.loads(listing.read_text())]
+    else:
+        segments = concat_clips(test_clips(args.avsynth, args.clips) * args.repeat, long)
+        listing.write_text(json.dumps(segments))
     duration = segments[-1][1]
+    floor = decode_floor(long)
     w = args.window
     load = os.getloadavg()[0]
-    report = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cores": os.cpu_count(),
+    report = {"machine": cpu_name(), "cores": os.cpu_count(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "load_before": load,
-              "video_s": duration, "window_s": w, "runs": {}}
-    print(f"{len(segments)} clips, {duration:.0f} s of video, window {w:g} s; load average {load:.1f}")
+              "video_s": duration, "window_s": w, "decode_floor_s": floor, "runs": {}}
+    print(f"{len(segments)} clips, {duration:.0f} s of video, window {w:g} s; load average {load:.1f}; decoding every "
+          f"frame once, nothing else: {floor:.1f} s")
     print("| hop | windows | GMACs / s of video (shared glance) | recomputing each window | saving | wall s | "
           "windows in one segment with its label |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    warm = args.workdir / "warmup.mp4"  # the first run in a process pays for counting GMACs and oneDNN's set-up
+    concat_clips(test_clips(args.avsynth, 3), warm)
+    windowed_run(checkpoint, warm, w, w / 2)
     for hop in (w, w / 2):
         run = windowed_run(checkpoint, long, w, hop)
         hits, total = accuracy(run["rows"], segments)

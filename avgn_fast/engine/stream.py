@@ -142,7 +142,7 @@ def read_windows(source, plan: WindowPlan, params: DecodeParams, out: queue.Queu
     reader = SequentialReader(source, params, **(reader_options or {}))
     for window in assemble(reader.samples(plan.all_times()), plan, str(source), offset_s=offset_s,
                            audio_present=lambda: reader.info.audio_present, fps=lambda: reader.info.fps):
-        window.notes = reader.stats.notes
+        window.notes = list(reader.stats.notes)
         if not put(out, window, stop):
             break
     return reader

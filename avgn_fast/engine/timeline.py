@@ -1,5 +1,5 @@
-"""One PNG per long file classified in windows: the top classes' scores over time, every frame's saliency,
-thumbnails of the frames the model looked at closely.
+"""One PNG per long file classified in windows: each window's label, the top classes' scores over time, every
+frame's saliency, thumbnails of the frames the model looked at closely.
 
 The scores come from each window's top-k (a class outside a window's top-k is drawn at 0 there); the
 saliency of a frame is drawn once per window that holds it, so a frame two windows rank differently
@@ -94,9 +94,11 @@ def write_timeline(path: Path, entries: list[_Entry], class_names: list[str]) ->
         for name, value in r.topk:
             scores.setdefault(name, [0.0] * len(rows))[i] = value
     top = sorted(scores, key=lambda n: -sum(scores[n]))[:TOP_CLASSES]
-    fig = plt.figure(figsize=(12, 6.5), constrained_layout=True)
+    # one colour per class in every panel: the labels' first, then the scored classes never a label
+    colours = {n: f"C{i % 10}" for i, n in enumerate(dict.fromkeys([*(r.label for r in rows), *top]))}
+    fig = plt.figure(figsize=(12, 7.5), constrained_layout=True)
     try:
-        grid = fig.add_gridspec(3, 1, height_ratios=[1.0, 1.6, 1.0])
+        grid = fig.add_gridspec(4, 1, height_ratios=[1.0, 0.35, 1.6, 1.0])
         ax = fig.add_subplot(grid[0])
         thumbs = [e for e in entries if e.thumbnail is not None]
         step = max(len(thumbs) / MAX_THUMBNAILS, 1)
@@ -109,15 +111,16 @@ def write_timeline(path: Path, entries: list[_Entry], class_names: list[str]) ->
         ax.set_xlim(0, end)
         ax.set_yticks([])
         ax.set_title(f"{Path(rows[0].path).name}: most salient kept frame per window", fontsize=9)
-        ax = fig.add_subplot(grid[1])
+        _label_strip(fig.add_subplot(grid[1]), rows, centres, end, colours)
+        ax = fig.add_subplot(grid[2])
         for name in top:
-            ax.plot(centres, scores[name], marker=".", lw=1.2, label=name)
+            ax.plot(centres, scores[name], marker=".", lw=1.2, label=name, color=colours[name])
         ax.set_xlim(0, end)
         ax.set_ylim(0, 1)
         ax.set_ylabel("score")
         ax.legend(fontsize=7, loc="upper right", ncol=min(len(top), 5))
         ax.set_title("top classes over time (window centres)", fontsize=9)
-        ax = fig.add_subplot(grid[2])
+        ax = fig.add_subplot(grid[3])
         for e in entries:
             if len(e.times) == len(e.row.saliency):
                 ax.plot(e.times, e.row.saliency, marker=".", ms=3, lw=0.6, alpha=0.6)
@@ -131,3 +134,18 @@ def write_timeline(path: Path, entries: list[_Entry], class_names: list[str]) ->
     finally:
         plt.close(fig)
     return path
+
+
+def _label_strip(ax, rows: list[WindowPrediction], centres: list[float], end: float, colours: dict) -> None:
+    """Each window's label as a coloured band from midway to the previous window's centre to midway to the next."""
+    names = list(dict.fromkeys(r.label for r in rows))
+    edges = [0.0] + [(a + b) / 2 for a, b in zip(centres, centres[1:])] + [end]
+    for r, lo, hi in zip(rows, edges, edges[1:]):
+        ax.axvspan(lo, hi, color=colours[r.label], lw=0)
+    ax.set_xlim(0, end)
+    ax.set_yticks([])
+    shown = names[:10]
+    ax.legend(handles=[ax.axvspan(0, 0, color=colours[n], label=n) for n in shown], fontsize=7, ncol=len(shown),
+              loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
+    ax.set_title("label of each window" + ("" if len(names) <= 10 else f" ({len(names)} labels, 10 in the legend)"),
+                 fontsize=9)
