@@ -133,6 +133,13 @@ def test_predict_cli_writes_window_rows_and_a_timeline(model, long_file, tmp_pat
     assert [p.name for p in explain.iterdir()] == ["00000_long_timeline.png"]
     assert "0.00s-4.00s" in capsys.readouterr().out
     assert cli_main(["predict", str(long_file[0]), "--checkpoint", str(checkpoint), "--hop", "2"]) == 2
+    live = tmp_path / "live.jsonl"  # a file is a live source too; rows are appended as they come
+    live.write_text('{"earlier": "row"}\n')
+    assert cli_main(["stream", str(long_file[0]), "--checkpoint", str(checkpoint), "--device", "cpu", "--window", "5",
+                     "--jsonl", str(live), "--option", "probesize=32768"]) == 0
+    lines = live.read_text().splitlines()
+    assert lines[0] == '{"earlier": "row"}' and [json.loads(x)["end_s"] for x in lines[1:]] == [5, 10]
+    assert cli_main(["stream", "x.ts", "--checkpoint", str(checkpoint), "--window", "2", "--option", "bad"]) == 2
 
 
 def test_live_fifo_gives_a_row_per_hop_while_it_is_written(model, tmp_path):
