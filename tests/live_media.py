@@ -17,8 +17,9 @@ from media import default_frames, default_wave
 FPS, SAMPLE_RATE, SIZE = 10, 16000, (48, 64)
 
 
-def write_live(path: str, seconds: float) -> None:
-    """Encode ``seconds`` of video and audio into ``path`` as MPEG-TS, each frame muxed at its wall-clock time."""
+def write_live(path: str, seconds: float, *, real_time: bool = True) -> None:
+    """Encode ``seconds`` of video and audio into ``path`` as MPEG-TS, each frame muxed at its wall-clock time
+    (``real_time``), or all at once."""
     n = round(seconds * FPS)
     frames = default_frames(n, SIZE)
     wave = default_wave(1, round(seconds * SAMPLE_RATE), SAMPLE_RATE)[0]
@@ -31,7 +32,8 @@ def write_live(path: str, seconds: float) -> None:
         audio = container.add_stream("mp2", rate=SAMPLE_RATE, layout="mono")
         start = time.monotonic()
         for i in range(n):
-            time.sleep(max(start + i / FPS - time.monotonic(), 0))
+            if real_time:
+                time.sleep(max(start + i / FPS - time.monotonic(), 0))
             frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, FPS)
             chunk = av.AudioFrame.from_ndarray(wave[i * per_frame:(i + 1) * per_frame].reshape(1, -1), format="flt",

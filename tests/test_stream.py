@@ -173,3 +173,37 @@ def test_stream_batches_the_windows_of_several_sources(model, tmp_path):
     for path in paths:
         assert [(r.start_s, r.end_s) for r in rows if r.path == path] == [(0, 2), (2, 4)]
     assert all(r.ok for r in rows) and len(rows) == 6
+
+
+_STALLING_SERVER = """
+import socket, sys, time
+data = open(sys.argv[1], "rb").read()
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+for attempt in range(2):  # the first answer stops halfway for 1.5 s, then drops; the second sends it all
+    conn, _ = server.accept()
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Type: video/mp2t\\r\\n\\r\\n")
+    conn.sendall(data if attempt else data[:len(data) // 376 * 188])
+    time.sleep(0 if attempt else 1.5)
+    conn.close()
+"""
+
+
+def test_a_stalled_http_source_gives_an_error_row_and_the_stream_goes_on(model, tmp_path):
+    import live_media
+
+    source = tmp_path / "source.ts"
+    live_media.write_live(str(source), 6, real_time=False)
+    server = subprocess.Popen([sys.executable, "-c", _STALLING_SERVER, str(source)], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{server.stdout.readline().strip()}/live.ts"
+        rows = list(avgn_fast.stream(url, model, window_s=2.0, hop_s=1.0, device="cpu", timeout=1.0, reconnects=1,
+                                     retry_s=1.0))
+    finally:
+        server.kill()
+    stall = next(i for i, r in enumerate(rows) if not r.ok)
+    assert "stalled: no data for 1.0 s" in rows[stall].error and rows[stall].path == url
+    assert stall >= 1 and all(r.ok for r in rows[:stall])  # windows before the stall
+    after = [r for r in rows[stall + 1:] if r.ok]
+    assert len(after) >= 3 and after[0].start_s > rows[stall].start_s  # reconnected; its clock goes on

@@ -94,16 +94,20 @@ class SequentialReader:
         try:
             container = av.open(self.source, format=self.input_format, options=self.options or {},
                                 timeout=self.timeout, metadata_errors="ignore")
+        except av.ExitError as e:  # PyAV's timeout interrupts FFmpeg's wait
+            raise DecodeError(self.source, f"cannot open: no answer within {self.timeout} s") from e
         except Exception as e:
-            raise DecodeError(self.source, f"cannot open: {type(e).__name__}: {e}") from e
+            raise DecodeError(self.source, f"cannot open: {_problem(e)}") from e
         try:
             yield from self._read(container, times)
         except DecodeError:
             raise
+        except av.ExitError as e:
+            raise DecodeError(self.source, f"stalled: no data for {self.timeout} s", transient=True) from e
         except MemoryError as e:
             raise DecodeError(self.source, "out of memory while decoding", transient=True) from e
         except Exception as e:
-            raise DecodeError(self.source, f"{type(e).__name__}: {e}") from e
+            raise DecodeError(self.source, _problem(e)) from e
         finally:
             container.close()
 
@@ -186,6 +190,15 @@ class SequentialReader:
         now = time.monotonic()
         for (t, image), m in zip(ready, mel):
             yield Sample(t, image.frames, m, image.source_size, now)
+
+
+def _problem(e: Exception) -> str:
+    """``e`` in one line, without the source's name that FFmpeg's errors repeat (the DecodeError names it)."""
+    import av
+
+    if isinstance(e, av.FFmpegError) and e.strerror:
+        return f"{type(e).__name__}: {e.strerror}"
+    return f"{type(e).__name__}: {e}"
 
 
 def seconds(frame, stream) -> float | None:

@@ -89,7 +89,7 @@ def _follow(source: str, plan: WindowPlan, params: DecodeParams, reader_options:
             break  # the source ended (a FIFO's writer closed, a stream finished)
         except Exception as e:
             at = time.monotonic() - first
-            log.warning("%s: %s (failure %d of %d allowed)", source, e, failures + 1, reconnects + 1)
+            log.warning("%s (failure %d of %d allowed)", e, failures + 1, reconnects + 1)
             put(items, ("error", source, e, at), stop)
             failures += 1
             if failures > reconnects:
