@@ -207,3 +207,15 @@ def test_a_stalled_http_source_gives_an_error_row_and_the_stream_goes_on(model, 
     assert stall >= 1 and all(r.ok for r in rows[:stall])  # windows before the stall
     after = [r for r in rows[stall + 1:] if r.ok]
     assert len(after) >= 3 and after[0].start_s > rows[stall].start_s  # reconnected; its clock goes on
+
+
+def test_a_source_whose_sound_stops_goes_on_with_silence(tmp_path):
+    # 2 s of sound in a 16-s video: samples beyond it are not held back waiting for audio that never comes
+    path = write_video(tmp_path / "mute_tail.mp4", fps=FPS, seconds=16, sample_rate=RATE,
+                       wave=default_wave(1, 2 * RATE, RATE))
+    reader = SequentialReader(str(path), DecodeParams.from_config(CONFIG))
+    samples = list(reader.samples(WindowPlan(4.0, 4.0, CONFIG.num_frames).all_times()))
+    assert len(samples) == 4 * CONFIG.num_frames and reader.info.audio_present
+    assert any("behind the video" in note for note in reader.stats.notes)
+    silent = samples[-1].mel
+    assert torch.equal(silent, torch.full_like(silent, silent.min().item()))  # log(LOG_EPS) everywhere

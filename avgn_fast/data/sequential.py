@@ -15,7 +15,8 @@ that ``decode`` gives for that window cut out as its own file:
   into a log-mel by ``data.audio`` (``window_segments``, ``segments_log_mel``).
 
 Memory is bounded by the asked times, not by the source: the reader keeps the frame on screen, the
-samples already decoded but not yet asked for, and the audio from the earliest pending window on.
+answered samples waiting for their sound (at most ``_AUDIO_LAG_S`` of video), and the audio from the
+earliest of them on.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from avgn_fast.data.common import DecodeError, DecodeParams, DecodeStats, check_
 from avgn_fast.data.pyav_audio import mono_samples
 from avgn_fast.data.pyav_backend import FrameConverter
 
-_GAP_S = 1e-3  # audio frames more than this off their running position are placed by timestamp
+# a sample waits for its sound at most this long after its frame (video time); a source whose audio stops or
+# lags more goes on with silence, so the frames held stay bounded
+_AUDIO_LAG_S = 10.0
 
 
 @dataclass
@@ -127,6 +130,7 @@ class SequentialReader:
         self._audio = _AudioBuffer(self.params.sample_rate) if audio is not None else None
         self._video = _VideoState(FrameConverter(self.params), times, video.time_base)
         self._pending: deque = deque()  # (time, converted frame) waiting for their audio
+        self._audio_late = False
         streams = [s for s in (video, audio) if s is not None]
         for packet in container.demux(streams):
             is_video = packet.stream.index == video.index
@@ -170,11 +174,17 @@ class SequentialReader:
     def _flush(self, *, final: bool) -> Iterator[Sample]:
         """Samples whose audio has arrived (all of them at the end, or without an audio stream), in order."""
         origin = self._video.first
+        latest = self._video.shown[0] if self._video.shown is not None else 0.0
         ready = []
         while self._pending:
             t, image = self._pending[0]
             if self._audio is not None and not final and not self._audio.covers(origin + t + self.reach):
-                break
+                if latest - t < _AUDIO_LAG_S:
+                    break
+                if not self._audio_late:  # the sound stopped or fell far behind: go on without it
+                    self._audio_late = True
+                    self.stats.notes.append(f"audio: over {_AUDIO_LAG_S:g} s behind the video at {t:.1f} s; "
+                                            "windows go on with what has arrived (silence after it)")
             ready.append(self._pending.popleft())
         if not ready:
             return
