@@ -79,6 +79,11 @@ def test_window_equals_predict_on_that_window_cut_out(model, long_file, tmp_path
         torch.testing.assert_close(torch.tensor(row.saliency), torch.tensor(ref.saliency), atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(row.patch_boxes), torch.tensor(ref.patch_boxes), atol=0.05, rtol=0)
         assert row.frame_times == pytest.approx([t + start for t in ref.frame_times], abs=1e-6)
+    short = write_video(tmp_path / "short.mkv", frames=frames[:15], wave=wave[:, :RATE + RATE // 2], seconds=1.5,
+                        **LOSSLESS)
+    (whole,), ref = predictor.predict([short], window_s=4.0), predictor.predict([short])[0]
+    assert (whole.start_s, whole.end_s) == (0, 1.5)  # shorter than a window: one row, predict's
+    assert whole.label == ref.label and whole.saliency == ref.saliency and whole.gflops == ref.gflops
 
 
 def test_segments_with_known_content_are_covered_in_order(tmp_path):

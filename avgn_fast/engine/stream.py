@@ -170,8 +170,7 @@ def predict_windows(batch: BatchPredictor, paths: Iterable, window_s: float, hop
     next file goes on. ``on_window(window, row)`` sees each window with its row (the timeline uses it).
     """
     plan = WindowPlan(window_s, window_s if hop_s is None else hop_s, batch.config.num_frames)
-    params = DecodeParams.from_config(batch.config, **{k: v for k, v in batch.decode_options.items()
-                                                       if k == "max_pixels"})
+    params = DecodeParams.from_config(batch.config, max_pixels=batch.decode_options["max_pixels"])
     runner = runner or WindowRunner(batch)
     items: queue.Queue = queue.Queue(maxsize=max_queue or 2 * batch.batch_size)
     stop = threading.Event()
