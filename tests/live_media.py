@@ -1,8 +1,9 @@
 """A live source for tests: MPEG-TS written at real-time pace (``python tests/live_media.py OUT SECONDS``).
 
 Each frame and its audio are muxed and flushed when their time comes, so a reader of ``OUT`` (a FIFO,
-a growing file) sees the stream arrive as a camera's would. Video: ``media.default_frames`` at 10 fps
-in MPEG-4 Part 2 (no B-frames, no look-ahead, so a frame leaves the encoder at once); audio: MP2 at 16 kHz.
+a growing file) sees the stream arrive as a camera's would. Video: a gradient with a moving square at
+10 fps in MPEG-4 Part 2 (no B-frames, no look-ahead, so a frame leaves the encoder at once); audio: two
+tones in MP2 at 16 kHz. Only PyAV and numpy are imported, so the writer starts within a second.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from fractions import Fraction
 
 import av
-from media import default_frames, default_wave
+import numpy as np
 
 FPS, SAMPLE_RATE, SIZE = 10, 16000, (48, 64)
 
@@ -21,8 +22,11 @@ def write_live(path: str, seconds: float, *, real_time: bool = True) -> None:
     """Encode ``seconds`` of video and audio into ``path`` as MPEG-TS, each frame muxed at its wall-clock time
     (``real_time``), or all at once."""
     n = round(seconds * FPS)
-    frames = default_frames(n, SIZE)
-    wave = default_wave(1, round(seconds * SAMPLE_RATE), SAMPLE_RATE)[0]
+    h, w = SIZE
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([255 * yy / (h - 1), 255 * xx / (w - 1), np.full((h, w), 128.0)], -1).astype(np.uint8)
+    t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    wave = (0.25 * np.sin(2 * np.pi * 440 * t) + 0.15 * np.sin(2 * np.pi * 1250 * t)).astype(np.float32)
     per_frame = SAMPLE_RATE // FPS
     container = av.open(path, "w", format="mpegts", container_options={"flush_packets": "1"})
     try:
@@ -34,7 +38,9 @@ def write_live(path: str, seconds: float, *, real_time: bool = True) -> None:
         for i in range(n):
             if real_time:
                 time.sleep(max(start + i / FPS - time.monotonic(), 0))
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            image = base.copy()
+            image[(3 * i) % (h - 12):(3 * i) % (h - 12) + 12, (5 * i) % (w - 12):(5 * i) % (w - 12) + 12] = 250
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, FPS)
             chunk = av.AudioFrame.from_ndarray(wave[i * per_frame:(i + 1) * per_frame].reshape(1, -1), format="flt",
                                                layout="mono")
