@@ -108,8 +108,9 @@ class Predictor:
 
         With ``window_s`` each file is classified in windows of ``window_s`` seconds every ``hop_s``
         (default ``window_s``): one ``WindowPrediction`` per window, files in order, each file read once
-        front to back, overlapping windows sharing their frames' glance features (``engine.stream``);
-        ``explain_dir`` then gets one timeline PNG per file (``engine.timeline``).
+        front to back by one background reader (``num_workers`` does not apply), overlapping windows sharing
+        their frames' glance features (``engine.stream``); ``explain_dir`` then gets one timeline PNG per
+        file (``engine.timeline``).
         """
         if window_s is not None:
             yield from self._predict_windows(items, window_s, hop_s, explain_dir)

@@ -6,9 +6,8 @@ first time a window holds it, and every later window that holds the frame reuses
 rest of the model (audio encoder, whose spectral normalization spans the window, AV-TeST over the
 window's T frames, AESPA, patches, local encoder, classifier) runs per window. ``predict_windows``
 reads files one after another in a background thread (``data.sequential``: front to back, no seek)
-while the model classifies the windows already complete, batched across windows; ``stream`` does the
-same for live sources, one reader thread per source and the windows of all sources batched together
-(many cameras on one model), with a reconnection after a stall that is reported as an error row.
+while the model classifies the windows already complete, batched across windows; ``engine.live.stream``
+does the same for live sources with the same pieces (``read_windows``, ``batches``, ``WindowRunner``).
 """
 
 from __future__ import annotations
