@@ -173,6 +173,13 @@ def test_stream_batches_the_windows_of_several_sources(model, tmp_path):
     for path in paths:
         assert [(r.start_s, r.end_s) for r in rows if r.path == path] == [(0, 2), (2, 4)]
     assert all(r.ok for r in rows) and len(rows) == 6
+    rows = avgn_fast.stream(paths, model, window_s=0.5, device="cpu", batch_size=1)
+    next(rows)
+    rows.close()  # what Ctrl-C does to the loop: the readers stop too
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("avgn-live") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("avgn-live") for t in threading.enumerate())
 
 
 _STALLING_SERVER = """
