@@ -126,6 +126,12 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
     return torch.from_numpy(np.concatenate([o.to_ndarray().reshape(-1) for o in out])), t0
 
 
+def misplaced(start: int, placed: int, rate: int) -> bool:
+    """Whether a frame whose timestamp puts it at sample ``start`` (of ``rate`` per second) does not follow the
+    ``placed`` samples laid before it: over 1 ms off is a gap or an overlap, not rounding."""
+    return abs(start - placed) > rate // 1000
+
+
 def _placed(frames: list, rate: int, stats: DecodeStats) -> list[np.ndarray]:
     """The frames' samples as mono float32 pieces laid end to end by timestamp: silence fills a gap, an
     overlap is cut (both noted). Runs of frames of one layout and format are downmixed in one call."""
@@ -142,7 +148,7 @@ def _placed(frames: list, rate: int, stats: DecodeStats) -> list[np.ndarray]:
         n = frame.samples
         if frame.pts is not None and first.pts is not None:
             start = round((frame.pts - first.pts) * num * rate / den)
-            if abs(start - placed) > rate // 1000:  # over 1 ms off: not rounding
+            if misplaced(start, placed, rate):
                 gaps += 1
                 if run:
                     pieces.append(mono_samples(run))

@@ -32,7 +32,7 @@ import torch
 
 from avgn_fast.data.audio import segments_log_mel, window_segments
 from avgn_fast.data.common import DecodeError, DecodeParams, DecodeStats, check_pixels
-from avgn_fast.data.pyav_audio import mono_samples
+from avgn_fast.data.pyav_audio import misplaced, mono_samples
 from avgn_fast.data.pyav_backend import FrameConverter
 
 # a sample waits for its sound at most this long after its frame (video time); a source whose audio stops or
@@ -310,7 +310,7 @@ class _AudioBuffer:
             self.t0 = time_s
         t_first, rate = self.first
         start = round((time_s - t_first) * rate)
-        if abs(start - self.placed) > rate // 1000:  # over 1 ms off: a dropped packet or a discontinuity
+        if misplaced(start, self.placed, rate):  # a dropped packet or a discontinuity
             stats.notes.append(f"audio: gap or overlap at {time_s:.3f} s, samples placed by time")
             if start > self.placed:
                 samples = np.concatenate([np.zeros(start - self.placed, dtype=np.float32), samples])
