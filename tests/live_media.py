@@ -1,7 +1,8 @@
 """A live source for tests: MPEG-TS written at real-time pace (``python tests/live_media.py OUT SECONDS``).
 
 Each frame and its audio are muxed and flushed when their time comes, so a reader of ``OUT`` (a FIFO,
-a growing file) sees the stream arrive as a camera's would. Video: a gradient with a moving square at
+a growing file) sees the stream arrive as a camera's would; the number of frames written so far is
+printed after each one, so a test can tell what the reader could have seen. Video: a gradient with a moving square at
 10 fps in MPEG-4 Part 2 (no B-frames, no look-ahead, so a frame leaves the encoder at once); audio: two
 tones in MP2 at 16 kHz. Only PyAV and numpy are imported, so the writer starts within a second.
 """
@@ -18,9 +19,9 @@ import numpy as np
 FPS, SAMPLE_RATE, SIZE = 10, 16000, (48, 64)
 
 
-def write_live(path: str, seconds: float, *, real_time: bool = True) -> None:
+def write_live(path: str, seconds: float, *, real_time: bool = True, on_frame=None) -> None:
     """Encode ``seconds`` of video and audio into ``path`` as MPEG-TS, each frame muxed at its wall-clock time
-    (``real_time``), or all at once."""
+    (``real_time``), or all at once; ``on_frame(n)`` after the n-th frame and its sound are written."""
     n = round(seconds * FPS)
     h, w = SIZE
     yy, xx = np.mgrid[0:h, 0:w]
@@ -47,6 +48,8 @@ def write_live(path: str, seconds: float, *, real_time: bool = True) -> None:
             chunk.sample_rate, chunk.pts = SAMPLE_RATE, i * per_frame
             container.mux(video.encode(frame))
             container.mux(audio.encode(chunk))
+            if on_frame is not None:
+                on_frame(i + 1)
         container.mux(video.encode(None))
         container.mux(audio.encode(None))
     finally:
@@ -54,4 +57,4 @@ def write_live(path: str, seconds: float, *, real_time: bool = True) -> None:
 
 
 if __name__ == "__main__":
-    write_live(sys.argv[1], float(sys.argv[2]))
+    write_live(sys.argv[1], float(sys.argv[2]), on_frame=lambda n: print(n, flush=True))

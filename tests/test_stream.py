@@ -1,17 +1,21 @@
-"""Windowed AVGN over long files and live sources: equal to predict on the cut file, in order, flat memory, live."""
+"""Windowed AVGN over long files and live sources: predict's answer on the cut file, in order, flat memory, live."""
 
+import dataclasses
+import itertools
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
-from media import default_frames, default_wave, write_video
+from media import default_frames, default_wave, indexed_frames, write_video
 from random_models import random_model
 
 import avgn_fast
@@ -20,7 +24,9 @@ from avgn_fast.cli import main as cli_main
 from avgn_fast.config import AVGNConfig
 from avgn_fast.data.common import DecodeParams
 from avgn_fast.data.sequential import SequentialReader
+from avgn_fast.engine.batch import BatchPredictor
 from avgn_fast.engine.predictor import Predictor
+from avgn_fast.engine.stream import WindowRunner, source_windows
 from avgn_fast.engine.windows import WindowPlan
 
 CONFIG = AVGNConfig.from_name("tiny")
@@ -52,8 +58,6 @@ def test_window_plan_merges_shared_times_and_checks_its_arguments():
     times = [t for _, t in zip(range(40), plan.all_times())]
     assert times == sorted(times) and len(set(times)) == 40
     assert times[:16] == plan.times(0) and times[16:24] == plan.times(1)[8:]  # hop W/2: half of each window shared
-    assert plan.shares_frames and not WindowPlan(4.0, 4.0, 16).shares_frames
-    assert not WindowPlan(4.0, 1.1, 16).shares_frames
     for bad in [(0, 1, 16), (4, -1, 16), (4, 1, 0), (float("nan"), 1, 16)]:
         with pytest.raises(ValueError):
             WindowPlan(*bad)
@@ -69,20 +73,31 @@ def test_window_equals_predict_on_that_window_cut_out(model, long_file, tmp_path
     glance = next(r.gmacs for r in model.flops_table() if r.name == "visual glance encoder")
     assert rows[0].gflops == pytest.approx(cost)  # the first window computes all its frames' features
     assert rows[1].gflops == pytest.approx(cost - glance * CONFIG.num_frames / 2)  # later ones half
-    for start in (4,):
-        cut = write_video(tmp_path / f"cut{start}.mkv", frames=frames[start * FPS:(start + 4) * FPS],
-                          wave=wave[:, start * RATE:(start + 4) * RATE], seconds=4, **LOSSLESS)
-        ref, row = predictor.predict([cut])[0], rows[start // 2]
-        assert row.label == ref.label and row.kept_frames == ref.kept_frames
-        assert row.score == pytest.approx(ref.score, abs=1e-4)
-        torch.testing.assert_close(torch.tensor(row.saliency), torch.tensor(ref.saliency), atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(row.patch_boxes), torch.tensor(ref.patch_boxes), atol=0.05, rtol=0)
-        assert row.frame_times == pytest.approx([t + start for t in ref.frame_times], abs=1e-6)
-    short = write_video(tmp_path / "short.mkv", frames=frames[:15], wave=wave[:, :RATE + RATE // 2], seconds=1.5,
+    # the window from 4 to 8 s, cut out (its sound is silent near the cut, where the window's edge frames hear beyond)
+    cut = write_video(tmp_path / "cut4.mkv", frames=frames[4 * FPS:8 * FPS], wave=wave[:, 4 * RATE:8 * RATE],
+                      seconds=4, **LOSSLESS)
+    ref, row = predictor.predict([cut])[0], rows[2]
+    assert row.label == ref.label and row.kept_frames == ref.kept_frames
+    assert row.score == pytest.approx(ref.score, abs=1e-4)
+    torch.testing.assert_close(torch.tensor(row.saliency), torch.tensor(ref.saliency), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(row.patch_boxes), torch.tensor(ref.patch_boxes), atol=0.05, rtol=0)
+    assert row.frame_times == pytest.approx([t + 4 for t in ref.frame_times], abs=1e-6)
+
+
+def test_windows_end_inside_the_file_and_one_just_short_of_a_window_is_one_row(model, long_file, tmp_path):
+    path, frames, wave = long_file
+    predictor = Predictor(model, device="cpu", batch_size=4, num_workers=0, exit_threshold=None)
+    # 3.9 s: every sample time of the window 0-4 lies before the last frame's end, yet the window is not in the file
+    short = write_video(tmp_path / "short.mkv", frames=frames[:39], wave=wave[:, :39 * RATE // 10], seconds=3.9,
                         **LOSSLESS)
-    (whole,), ref = predictor.predict([short], window_s=4.0), predictor.predict([short])[0]
-    assert (whole.start_s, whole.end_s) == (0, 1.5)  # shorter than a window: one row, predict's
-    assert whole.label == ref.label and whole.saliency == ref.saliency and whole.gflops == ref.gflops
+    (whole,) = predictor.predict([short], window_s=4.0)
+    assert whole.ok and (whole.start_s, whole.end_s) == (0, 3.9)
+    midpoints = [(i + 0.5) * 3.9 / CONFIG.num_frames for i in range(CONFIG.num_frames)]  # predict's sampling
+    assert all(min(abs(t - m) for m in midpoints) < 1e-4 for t in whole.frame_times), whole.frame_times
+    longer = np.concatenate([frames, frames[:19]])  # 11.9 s: windows 0-4 and 4-8; 8-12 would end past the file
+    tail = write_video(tmp_path / "tail.mkv", frames=longer, wave=np.concatenate([wave, wave[:, :19 * RATE // 10]], 1),
+                       seconds=11.9, **LOSSLESS)
+    assert [(r.start_s, r.end_s) for r in predictor.predict([tail], window_s=4.0)] == [(0, 4), (4, 8)]
 
 
 def test_segments_with_known_content_are_covered_in_order(tmp_path):
@@ -97,7 +112,7 @@ def test_segments_with_known_content_are_covered_in_order(tmp_path):
     assert [s.time for s in samples] == sorted(s.time for s in samples) and samples[-1].time < 10
     for s in samples:
         assert abs(float(s.frame.float().mean()) - levels[int(s.time // 2)]) < 4, s.time
-    assert reader.stats.seeks == 0 and reader.stats.video_frames_decoded == 10 * FPS  # one pass, every frame once
+    assert reader.stats.video_frames_decoded == 10 * FPS  # one pass, every frame once
 
 
 def _rss_mb() -> float:
@@ -143,22 +158,32 @@ def test_predict_cli_writes_window_rows_and_a_timeline(model, long_file, tmp_pat
     assert cli_main(["stream", "x.ts", "--checkpoint", str(checkpoint), "--window", "2", "--option", "bad"]) == 2
 
 
+def _live_writer(path, seconds: float) -> tuple[subprocess.Popen, list[int]]:
+    """``live_media.py`` writing ``path`` in real time, and a list whose last item is how many frames it has written."""
+    writer = subprocess.Popen([sys.executable, str(Path(__file__).with_name("live_media.py")), str(path), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    written = [0]
+    threading.Thread(target=lambda: written.extend(int(line) for line in writer.stdout), daemon=True).start()
+    return writer, written
+
+
+FAST_PROBE = {"analyzeduration": "200000", "probesize": "4096"}
+
+
 def test_live_fifo_gives_a_row_per_hop_while_it_is_written(model, tmp_path):
     fifo = tmp_path / "live.ts"
     os.mkfifo(fifo)
-    writer = subprocess.Popen([sys.executable, str(Path(__file__).with_name("live_media.py")), str(fifo), "4"])
-    finished = []
-    threading.Thread(target=lambda: (writer.wait(), finished.append(time.monotonic())), daemon=True).start()
-    rows, arrived = [], []
+    writer, written = _live_writer(fifo, 4)
+    rows, seen = [], []
     for row in avgn_fast.stream(str(fifo), model, window_s=2.0, hop_s=1.0, device="cpu", reconnects=0,
-                                options={"analyzeduration": "200000", "probesize": "4096"}):
+                                options=FAST_PROBE):
         rows.append(row)
-        arrived.append(time.monotonic())
+        seen.append(written[-1])  # frames written when the row came
     assert writer.wait(timeout=30) == 0
     assert [(r.start_s, r.end_s) for r in rows] == [(0, 2), (1, 3), (2, 4)]
     assert all(r.ok and r.latency_ms is not None and r.latency_ms >= 0 for r in rows)
-    assert arrived[0] < finished[0]  # the first rows come while the writer is still writing
-    assert arrived[1] - arrived[0] > 0.5  # one per hop, at the pace of the source
+    assert seen[0] < 4 * FPS  # the first row comes while the writer is still writing
+    assert all(n >= r.end_s * FPS - 2 for n, r in zip(seen, rows)), seen  # a row once its window was written
 
 
 def test_stream_reports_a_failed_source_and_ends(model, tmp_path):
@@ -173,13 +198,29 @@ def test_stream_batches_the_windows_of_several_sources(model, tmp_path):
     for path in paths:
         assert [(r.start_s, r.end_s) for r in rows if r.path == path] == [(0, 2), (2, 4)]
     assert all(r.ok for r in rows) and len(rows) == 6
-    rows = avgn_fast.stream(paths, model, window_s=0.5, device="cpu", batch_size=1)
-    next(rows)
-    rows.close()  # what Ctrl-C does to the loop: the readers stop too
-    deadline = time.monotonic() + 5
-    while any(t.name.startswith("avgn-live") for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(t.name.startswith("avgn-live") for t in threading.enumerate())
+
+
+def test_closing_the_iteration_stops_a_reader_between_windows(model, tmp_path):
+    # a 30-s live source read in 60-s windows never reaches a window, so only the reader itself can notice the stop
+    fifo = tmp_path / "long.ts"
+    os.mkfifo(fifo)
+    writer, written = _live_writer(fifo, 30)
+    try:
+        rows = avgn_fast.stream([str(tmp_path / "missing.ts"), str(fifo)], model, window_s=60.0, device="cpu",
+                                reconnects=0, options=FAST_PROBE)
+        assert "cannot open" in next(rows).error
+        deadline = time.monotonic() + 20
+        while written[-1] < 10 and time.monotonic() < deadline:  # the reader is reading the live source
+            time.sleep(0.05)
+        rows.close()  # what Ctrl-C does to the loop: the readers stop too
+        deadline = time.monotonic() + 5
+        while any(t.name.startswith("avgn-live") for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(t.name.startswith("avgn-live") for t in threading.enumerate())
+        assert written[-1] < 20 * FPS  # stopped long before the source's end
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 _STALLING_SERVER = """
@@ -195,6 +236,38 @@ for attempt in range(2):  # the first answer stops halfway for 1.5 s, then drops
     time.sleep(0 if attempt else 1.5)
     conn.close()
 """
+
+
+_ENDING_SERVER = """
+import socket, sys
+data = open(sys.argv[1], "rb").read()
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+for attempt in range(int(sys.argv[2])):  # each answer is the whole stream, then the connection closes
+    conn, _ = server.accept()
+    conn.recv(65536)
+    head = f"HTTP/1.0 200 OK\\r\\nContent-Type: video/mp2t\\r\\nContent-Length: {len(data)}\\r\\n\\r\\n"
+    conn.sendall(head.encode() + data)  # with its length: a clean end, not a connection cut short
+    conn.close()
+"""
+
+
+def test_a_network_source_that_ends_is_reopened_and_windows_renew_the_budget(model, tmp_path):
+    import live_media
+
+    source = tmp_path / "source.ts"
+    live_media.write_live(str(source), 4, real_time=False)
+    server = subprocess.Popen([sys.executable, "-c", _ENDING_SERVER, str(source), "3"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        url = f"http://127.0.0.1:{server.stdout.readline().strip()}/live.ts"
+        rows = list(avgn_fast.stream(url, model, window_s=2.0, device="cpu", timeout=2.0, reconnects=1, retry_s=0.2))
+    finally:
+        server.kill()
+        server.wait()
+    # three connections of two windows, each ended by the server; a fourth is refused, the second failure in a row
+    assert [r.ok for r in rows] == [True, True, False] * 3 + [False], [r.error for r in rows]
+    assert all("the stream ended" in r.error for r in rows[2:9:3]) and "cannot open" in rows[-1].error
 
 
 def test_a_stalled_http_source_gives_an_error_row_and_the_stream_goes_on(model, tmp_path):
@@ -216,7 +289,79 @@ def test_a_stalled_http_source_gives_an_error_row_and_the_stream_goes_on(model, 
     assert len(after) >= 3 and after[0].start_s > rows[stall].start_s  # reconnected; its clock goes on
 
 
-def test_a_source_whose_sound_stops_goes_on_with_silence(tmp_path):
+def _write_sound_chunks(path, video_s: float, starts, chunk: int = 1600) -> Path:
+    """FFV1 video of ``video_s`` seconds and PCM tone chunks of ``chunk`` samples at the sample offsets ``starts``:
+    nothing between chunks that do not meet."""
+    with av.open(str(path), "w") as c:
+        video = c.add_stream("ffv1", rate=FPS)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        audio = c.add_stream("pcm_s16le", rate=RATE, layout="mono")
+        for i, img in enumerate(indexed_frames(round(video_s * FPS), (32, 32))):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            c.mux(video.encode(frame))
+        c.mux(video.encode(None))
+        t = np.arange(chunk) / RATE
+        for start in starts:
+            tone = (0.4 * np.sin(2 * np.pi * 440 * (t + start / RATE)) * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(tone[None], format="s16", layout="mono")
+            frame.sample_rate, frame.pts = RATE, start
+            c.mux(audio.encode(frame))
+        c.mux(audio.encode(None))
+    return Path(path)
+
+
+def test_audio_gaps_are_one_counted_note_and_each_row_gets_only_its_own_notes(model, tmp_path):
+    starts = range(0, 12 * RATE, 2400)  # 0.1 s of sound, then 0.05 s of none, for 12 s
+    path = _write_sound_chunks(tmp_path / "gappy.mkv", 12, starts)
+    rows = Predictor(model, device="cpu", num_workers=0).predict([path], window_s=4.0)
+    assert len(rows) == 3 and all(r.ok for r in rows)
+    notes = [n for r in rows for n in r.notes]
+    assert notes == [f"audio: {len(starts) - 1} gaps or overlaps in the timestamps, samples placed by time"]
+
+
+def _peak_bytes(reader: SequentialReader, plan: WindowPlan) -> tuple[int, int]:
+    """How many samples ``reader`` gives for ``plan`` and the most bytes held at once meanwhile (numpy's
+    allocations, where the sound is kept, are traced)."""
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in reader.samples(plan.all_times()))
+        return count, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_sound_is_not_piled_up_when_the_video_stops_or_no_time_is_asked(tmp_path):
+    params = DecodeParams.from_config(CONFIG)
+    # 1 s of video, 120 s of sound (7.7 MB at 16 kHz in float32): at most _AUDIO_LAG_S of it is held
+    path = _write_sound_chunks(tmp_path / "long_sound.mkv", 1, range(0, 120 * RATE, 1600))
+    reader = SequentialReader(str(path), params)
+    count, peak = _peak_bytes(reader, WindowPlan(1.0, 1.0, CONFIG.num_frames))
+    assert count == CONFIG.num_frames and peak < 4e6, peak
+    assert any("ahead of the video" in n for n in reader.stats.notes)
+    # 121 s of both, one 1-s window a minute: the 59 s of sound between windows (3.8 MB) is not kept
+    path = _write_sound_chunks(tmp_path / "sparse.mkv", 121, range(0, 121 * RATE, 1600))
+    count, peak = _peak_bytes(SequentialReader(str(path), params), WindowPlan(1.0, 60.0, CONFIG.num_frames))
+    assert count == 3 * CONFIG.num_frames and peak < 1.5e6, peak
+
+
+def test_a_window_that_breaks_the_shared_glance_gets_its_own_row_and_the_others_go_on(model, long_file):
+    batch = BatchPredictor(model, device="cpu", exit_threshold=None)
+    plan, params = WindowPlan(2.0, 2.0, CONFIG.num_frames), DecodeParams.from_config(CONFIG)
+
+    def first_windows():
+        return list(itertools.islice(source_windows(SequentialReader(str(long_file[0]), params), plan), 2))
+
+    good, bad = first_windows()
+    # log-mels one step longer than the other window's: the two windows' audio cannot be encoded as one batch
+    bad.samples = [dataclasses.replace(s, mel=torch.cat([s.mel, s.mel[:, -1:]], 1)) for s in bad.samples]
+    rows = WindowRunner(batch)([good, bad])
+    (alone,) = WindowRunner(batch)(first_windows()[:1])
+    assert len(rows) == 2 and rows[0].ok and alone.ok
+    assert rows[0].label == alone.label and rows[0].score == pytest.approx(alone.score, abs=1e-5)
+
+
+def test_a_source_whose_sound_stops_goes_on_with_silence(model, tmp_path):
     # 2 s of sound in a 16-s video: samples beyond it are not held back waiting for audio that never comes
     path = write_video(tmp_path / "mute_tail.mp4", fps=FPS, seconds=16, sample_rate=RATE,
                        wave=default_wave(1, 2 * RATE, RATE))
@@ -226,3 +371,7 @@ def test_a_source_whose_sound_stops_goes_on_with_silence(tmp_path):
     assert any("behind the video" in note for note in reader.stats.notes)
     silent = samples[-1].mel
     assert torch.equal(silent, torch.full_like(silent, silent.min().item()))  # log(LOG_EPS) everywhere
+    assert samples[0].audio and not samples[-1].audio
+    rows = Predictor(model, device="cpu", num_workers=0).predict([path], window_s=4.0)
+    assert [r.audio_present for r in rows] == [True, False, False, False]  # as the windows cut out would have
+    assert sum("behind the video" in n for r in rows for n in r.notes) == 1  # noted once, on the row it came with

@@ -75,10 +75,7 @@ def audio_segments(reader: PacketReader, stream, centers_s: list[float], params:
         any_audio = True
         segments[group] = window_segments(wave, sr, [centers_s[i] - t0 for i in group], window_s=params.audio_window_s,
                                           win_ms=params.win_ms, hop_ms=params.hop_ms)
-    if repaired[0]:
-        stats.notes.append(f"audio: {repaired[0]} non-finite samples zeroed")
-    if repaired[1] > _CLIP_NOTE_FRACTION * repaired[2]:  # a lossy codec's few overshooting samples go unnoted
-        stats.notes.append(f"audio: {repaired[1]} of {repaired[2]} samples outside [-1, 1] clipped")
+    stats.notes.extend(repair_notes(*repaired))
     return segments if any_audio else None
 
 
@@ -108,14 +105,9 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
     pieces = _placed(frames, first.sample_rate, stats)
     mono = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     repaired[2] += mono.size
-    bad = ~np.isfinite(mono)
-    if bad.any():
-        repaired[0] += int(bad.sum())
-        mono[bad] = 0.0
-    loud = np.abs(mono) > 1
-    if loud.any():
-        repaired[1] += int(loud.sum())
-        np.clip(mono, -1.0, 1.0, out=mono)
+    zeroed, clipped = repair(mono)
+    repaired[0] += zeroed
+    repaired[1] += clipped
     signal = av.AudioFrame.from_ndarray(mono.reshape(1, -1), format="flt", layout="mono")
     signal.sample_rate, signal.pts, signal.time_base = first.sample_rate, first.pts, first.time_base
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
@@ -124,6 +116,29 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
         return None, None
     t0 = float(out[0].time if out[0].time is not None else first.time)
     return torch.from_numpy(np.concatenate([o.to_ndarray().reshape(-1) for o in out])), t0
+
+
+def repair(samples: np.ndarray) -> tuple[int, int]:
+    """Zero the non-finite values of float32 ``samples`` and clip the rest to [-1, 1], in place, so a decoder's NaN
+    or overshoot never reaches the log-mel; returns how many were zeroed and how many clipped."""
+    bad = ~np.isfinite(samples)
+    zeroed = int(bad.sum())
+    if zeroed:
+        samples[bad] = 0.0
+    loud = np.abs(samples) > 1
+    clipped = int(loud.sum())
+    if clipped:
+        np.clip(samples, -1.0, 1.0, out=samples)
+    return zeroed, clipped
+
+
+def repair_notes(zeroed: int, clipped: int, total: int) -> list[str]:
+    """The notes for ``repair``'s counts over ``total`` samples: clipping only when over ``_CLIP_NOTE_FRACTION`` of
+    them, since a lossy codec overshoots a little on clean files."""
+    notes = [f"audio: {zeroed} non-finite samples zeroed"] if zeroed else []
+    if clipped > _CLIP_NOTE_FRACTION * total:
+        notes.append(f"audio: {clipped} of {total} samples outside [-1, 1] clipped")
+    return notes
 
 
 def misplaced(start: int, placed: int, rate: int) -> bool:

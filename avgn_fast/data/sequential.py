@@ -4,19 +4,22 @@
 cut into windows, or a live feed, is read once instead, front to back, in one demux loop over the
 video and audio streams: ``SequentialReader.samples(times)`` takes an ascending iterator of sample
 times (seconds after the first video frame) and yields one ``Sample`` per time as soon as its frame
-and its audio window are known. The rules are ``decode``'s, so a window of a long file gives the clip
-that ``decode`` gives for that window cut out as its own file:
+and its audio window are known. The rules are ``decode``'s, so a window of a long file gets the frames
+that ``decode`` gives for that window cut out as its own file; the audio windows of its edge frames
+reach beyond the window, where they hear the source (a cut file has silence there):
 
 - the frame at time t is the last one shown at or before t (known once a later frame arrives, or
   at the end of the stream), converted to the model's size by ``pyav_backend.FrameConverter``;
 - the audio is averaged to mono (``pyav_audio.mono_samples``), non-finite samples zeroed and the rest
-  clipped to [-1, 1], frames placed by timestamp (a gap over 1 ms is silence), resampled to the
+  clipped to [-1, 1] (``pyav_audio.repair``), frames placed by timestamp (a gap over 1 ms is silence), resampled to the
   model's rate by one streaming libswresample context, and the window around t is framed and turned
   into a log-mel by ``data.audio`` (``window_segments``, ``segments_log_mel``).
 
 Memory is bounded by the asked times, not by the source: the reader keeps the frame on screen, the
 answered samples waiting for their sound (at most ``_AUDIO_LAG_S`` of video), and the audio from the
-earliest of them on.
+earliest time still asked for on, at most ``_AUDIO_LAG_S`` of it past the last video frame (a source
+whose video stops or thins out loses the older sound instead of piling it up). ``stop`` (an event)
+ends the reading at the next packet.
 """
 
 from __future__ import annotations
@@ -25,18 +28,19 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from avgn_fast.data.audio import segments_log_mel, window_segments
 from avgn_fast.data.common import DecodeError, DecodeParams, DecodeStats, check_pixels
-from avgn_fast.data.pyav_audio import misplaced, mono_samples
+from avgn_fast.data.pyav_audio import misplaced, mono_samples, repair, repair_notes
 from avgn_fast.data.pyav_backend import FrameConverter
 
 # a sample waits for its sound at most this long after its frame (video time); a source whose audio stops or
-# lags more goes on with silence, so the frames held stay bounded
+# lags more goes on with silence, so the frames held stay bounded; the sound held past the last video frame is
+# bounded by the same span
 _AUDIO_LAG_S = 10.0
 
 
@@ -46,7 +50,9 @@ class Sample:
 
     ``time`` is in seconds after the source's first video frame; ``frame`` uint8 (3, S, S); ``mel``
     float32 (n_mels, n_steps), silence without audio; ``ready`` the ``time.monotonic()`` at which both
-    were known (what a live row's latency counts from). ``features`` holds what a consumer computed
+    were known (what a live row's latency counts from); ``audio`` whether decoded sound overlapped its audio
+    window (a window of samples none of which had any is one without audio, as its cut-out file would be).
+    ``features`` holds what a consumer computed
     from the sample once (the stream engine's glance features), so windows that share it share them.
     """
 
@@ -55,6 +61,7 @@ class Sample:
     mel: torch.Tensor
     source_size: tuple[int, int]
     ready: float
+    audio: bool = False
     features: dict | None = None
 
 
@@ -66,7 +73,6 @@ class SourceInfo:
     fps: float = 0.0
     audio_present: bool = False
     end_s: float | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 class SequentialReader:
@@ -74,12 +80,13 @@ class SequentialReader:
 
     ``options`` go to FFmpeg (e.g. ``{"rtsp_transport": "tcp"}``); ``timeout`` (seconds) bounds the
     wait for data on network sources, after which reading fails with a ``DecodeError``; ``codec_threads``
-    as in ``pyav_backend.decode_file``. One reader reads once.
+    as in ``pyav_backend.decode_file``; ``stop`` (a ``threading.Event``), once set, ends the reading at the
+    next packet, as the end of the source would (a live source never ends by itself). One reader reads once.
     """
 
     def __init__(self, source, params: DecodeParams, *, options: dict | None = None, timeout: float | None = None,
-                 codec_threads: int = 1, input_format: str | None = None):
-        self.source, self.params = source, params
+                 codec_threads: int = 1, input_format: str | None = None, stop=None):
+        self.source, self.params, self.stop = source, params, stop
         self.options, self.timeout, self.input_format = options, timeout, input_format
         self.codec_threads = codec_threads
         self.info = SourceInfo()
@@ -133,6 +140,8 @@ class SequentialReader:
         self._audio_late = False
         streams = [s for s in (video, audio) if s is not None]
         for packet in container.demux(streams):
+            if self.stop is not None and self.stop.is_set():
+                return
             is_video = packet.stream.index == video.index
             try:
                 frames = packet.stream.codec_context.decode(None if packet.size == 0 else packet)
@@ -145,7 +154,7 @@ class SequentialReader:
                     self._pending.extend(self._video.push(frame, seconds(frame, video)))
                 elif self._audio is not None:
                     self.stats.audio_frames_decoded += 1
-                    self._audio.push(frame, seconds(frame, audio), self.stats)
+                    self._push_audio(frame, seconds(frame, audio))
             yield from self._flush(final=False)
             if self._video.exhausted and not self._pending:  # every asked time answered
                 return
@@ -160,16 +169,35 @@ class SequentialReader:
                     self._pending.extend(self._video.push(frame, seconds(frame, video)))
                 elif self._audio is not None:
                     self.stats.audio_frames_decoded += 1
-                    self._audio.push(frame, seconds(frame, audio), self.stats)
+                    self._push_audio(frame, seconds(frame, audio))
         self._pending.extend(self._video.end())
         self.info.end_s = self._video.end_s
         if self._video.first is None:
             raise DecodeError(self.source, "no video frame could be decoded")
-        if self._audio is not None and self._audio.repaired:
-            self.stats.notes.append(f"audio: {self._audio.repaired} non-finite samples zeroed")
+        if self._audio is not None:
+            self._audio.note(self.stats)
         self.info.audio_present = self._audio is not None and self._audio.started
         yield from self._flush(final=True)
-        self.info.notes = self.stats.notes
+
+    def _push_audio(self, frame, time_s: float | None) -> None:
+        """Keep ``frame``'s sound, then forget what no asked time needs any more and what lies over
+        ``_AUDIO_LAG_S`` past the last video frame (or before the first, while none has come)."""
+        buffer = self._audio
+        buffer.push(frame, time_s)
+        if not buffer.started:
+            return
+        video, origin = self._video, self._video.first
+        end = buffer.t0 + buffer.length / buffer.rate
+        latest = -math.inf if origin is None else origin + (video.shown[0] if video.shown is not None else 0.0)
+        if origin is not None:
+            needed = self._pending[0][0] if self._pending else video.next_time
+            buffer.drop_before(math.inf if needed is None else origin + needed - self.reach)
+        if end - latest > _AUDIO_LAG_S + self.reach:  # the video stopped or thinned out: keep the newest sound
+            if not buffer.dropped_ahead and origin is not None:
+                buffer.dropped_ahead = True
+                self.stats.notes.append(f"audio: over {_AUDIO_LAG_S:g} s ahead of the video at "
+                                        f"{latest - origin:.1f} s; older sound dropped")
+            buffer.drop_before(end - _AUDIO_LAG_S - self.reach)
 
     def _flush(self, *, final: bool) -> Iterator[Sample]:
         """Samples whose audio has arrived (all of them at the end, or without an audio stream), in order."""
@@ -189,7 +217,9 @@ class SequentialReader:
         if not ready:
             return
         p = self.params
+        heard = [False] * len(ready)
         if self._audio is not None and self._audio.started:
+            heard = [self._audio.overlaps(origin + t - self.reach, origin + t + self.reach) for t, _ in ready]
             segments = self._audio.segments([origin + t for t, _ in ready], p)
             mel = segments_log_mel(segments, p.sample_rate, window_s=p.audio_window_s, n_mels=p.n_mels,
                                    win_ms=p.win_ms, hop_ms=p.hop_ms)
@@ -198,8 +228,8 @@ class SequentialReader:
         else:
             mel = p.silent_mel()[:1].expand(len(ready), -1, -1)
         now = time.monotonic()
-        for (t, image), m in zip(ready, mel):
-            yield Sample(t, image.frames, m, image.source_size, now)
+        for (t, image), m, a in zip(ready, mel, heard):
+            yield Sample(t, image.frames, m, image.source_size, now, audio=a)
 
 
 def _problem(e: Exception) -> str:
@@ -288,7 +318,9 @@ class _AudioBuffer:
         self.first = None  # the first input frame's (time, sample rate)
         self.placed = 0  # input samples placed since the first frame
         self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        self.repaired = 0  # non-finite samples zeroed
+        self.repaired = [0, 0, 0]  # non-finite samples zeroed, samples clipped to [-1, 1], samples read
+        self.gaps = 0  # frames whose timestamp did not follow the samples before them
+        self.dropped_ahead = False  # sound over ``_AUDIO_LAG_S`` past the video was dropped (noted once)
 
     @property
     def started(self) -> bool:
@@ -297,7 +329,17 @@ class _AudioBuffer:
     def covers(self, t: float) -> bool:
         return self.t0 is not None and self.t0 + self.length / self.rate >= t
 
-    def push(self, frame, time_s: float | None, stats: DecodeStats) -> None:
+    def overlaps(self, lo: float, hi: float) -> bool:
+        """Whether the kept samples reach into [lo, hi) (seconds)."""
+        return self.length > 0 and self.t0 < hi and self.t0 + self.length / self.rate > lo
+
+    def note(self, stats: DecodeStats) -> None:
+        """The repairs made, as ``pyav_audio`` notes them: one note per kind, with counts."""
+        if self.gaps:
+            stats.notes.append(f"audio: {self.gaps} gaps or overlaps in the timestamps, samples placed by time")
+        stats.notes.extend(repair_notes(*self.repaired))
+
+    def push(self, frame, time_s: float | None) -> None:
         """Place ``frame``'s mono samples by its timestamp ``time_s`` (``pyav_audio``'s rule), repair, resample,
         keep."""
         import av
@@ -311,17 +353,16 @@ class _AudioBuffer:
         t_first, rate = self.first
         start = round((time_s - t_first) * rate)
         if misplaced(start, self.placed, rate):  # a dropped packet or a discontinuity
-            stats.notes.append(f"audio: gap or overlap at {time_s:.3f} s, samples placed by time")
+            self.gaps += 1
             if start > self.placed:
                 samples = np.concatenate([np.zeros(start - self.placed, dtype=np.float32), samples])
             else:
                 samples = samples[self.placed - start:]
         self.placed += len(samples)
-        bad = ~np.isfinite(samples)
-        if bad.any():
-            self.repaired += int(bad.sum())
-            samples = np.where(bad, np.float32(0), samples)
-        samples = np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False)
+        zeroed, clipped = repair(samples)  # in place: ``mono_samples`` gave a new array
+        self.repaired[0] += zeroed
+        self.repaired[1] += clipped
+        self.repaired[2] += len(samples)
         if rate != self.rate:  # one streaming resampler: no edge effects between frames
             signal = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.reshape(1, -1)), format="flt",
                                                 layout="mono")
@@ -340,14 +381,16 @@ class _AudioBuffer:
                                win_ms=params.win_ms, hop_ms=params.hop_ms)
 
     def drop_before(self, t: float) -> None:
-        """Forget the samples before ``t`` (seconds): no later window reads them."""
+        """Forget the samples before ``t`` (seconds): no later window reads them. Whole chunks go first, so
+        a drop costs no copy of what is kept."""
         if self.t0 is None or not self.chunks:
             return
-        n = math.floor((t - self.t0) * self.rate)
+        n = min(math.floor((t - self.t0) * self.rate), self.length) if t < math.inf else self.length
         if n <= 0:
             return
-        wave = np.concatenate(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
-        n = min(n, len(wave))
-        self.chunks = [wave[n:]]
         self.length -= n
         self.t0 += n / self.rate
+        while n and n >= len(self.chunks[0]):
+            n -= len(self.chunks.pop(0))
+        if n:
+            self.chunks[0] = self.chunks[0][n:]

@@ -1,13 +1,15 @@
 """Live sources: one row per hop as soon as its window is complete, for one source or many at once.
 
 ``stream(sources, checkpoint, window_s=W, hop_s=H)`` follows each source (anything FFmpeg opens live:
-a FIFO or a growing file, rtsp://, udp://, http://, /dev/video0) in a thread of its own, front to back
+a FIFO, rtsp://, udp://, http://, /dev/video0, or a file still being written when FFmpeg's file protocol
+is told to wait for it with the option ``follow=1``) in a thread of its own, front to back
 (``data.sequential``), and classifies the windows of all sources together in batches
 (``engine.stream.WindowRunner``: one model for many cameras). Video and audio are paired by their
 timestamps, not by arrival. A failure of a source (a stall past ``timeout``, a dropped connection, a
-source that cannot be opened) is one error row, after which the source is opened again, up to
-``reconnects`` times; its windows then continue on a clock shifted by the wall time since it was
-first opened. The iteration ends when every source has ended; stopping it (Ctrl-C, ``close()``) stops
+source that cannot be opened; for a network source, also its end: a server that closes the connection)
+is one error row, after which the source is opened again, up to ``reconnects`` failures in a row (a
+window read counts them afresh); its windows then continue on a clock shifted by the wall time since
+it was first opened. The iteration ends when every source has ended; stopping it (Ctrl-C, ``close()``) stops
 the readers.
 """
 
@@ -20,9 +22,10 @@ import time
 from collections.abc import Iterator
 
 from avgn_fast.config import FROM_CHECKPOINT
-from avgn_fast.data.common import DecodeParams
+from avgn_fast.data.common import DecodeError, DecodeParams
+from avgn_fast.data.sequential import SequentialReader
 from avgn_fast.engine.batch import BatchPredictor, error_line
-from avgn_fast.engine.stream import WindowRunner, batches, put, read_windows
+from avgn_fast.engine.stream import WindowRunner, batches, put, source_windows
 from avgn_fast.engine.windows import WindowPlan, WindowPrediction
 
 __all__ = ["stream"]
@@ -80,13 +83,21 @@ def stream(sources: str | list[str], model_or_checkpoint, *, window_s: float, ho
 
 def _follow(source: str, plan: WindowPlan, params: DecodeParams, reader_options: dict, reconnects: int,
             retry_s: float, items: queue.Queue, stop: threading.Event) -> None:
-    """Put ``source``'s windows into ``items``, reopening it after a failure; ("end", source) last."""
+    """Put ``source``'s windows into ``items``, reopening it after a failure (after more than ``reconnects`` in a
+    row, it is given up); ("end", source) last."""
     first = time.monotonic()
     offset, failures = 0.0, 0
+    network = is_network(source)
     while not stop.is_set():
         try:
-            read_windows(source, plan, params, items, stop, reader_options=reader_options, offset_s=offset)
-            break  # the source ended (a FIFO's writer closed, a stream finished)
+            reader = SequentialReader(source, params, stop=stop, **reader_options)
+            for window in source_windows(reader, plan, offset_s=offset):
+                if not put(items, window, stop):
+                    break
+                failures = 0
+            if not network or stop.is_set():
+                break  # the source ended (a FIFO's writer closed, a file's end) or the iteration was closed
+            raise DecodeError(source, "the stream ended", transient=True)  # a server closed it: reconnect
         except Exception as e:
             at = time.monotonic() - first
             log.warning("%s (failure %d of %d allowed)", e, failures + 1, reconnects + 1)
@@ -97,3 +108,10 @@ def _follow(source: str, plan: WindowPlan, params: DecodeParams, reader_options:
             stop.wait(retry_s)
             offset = time.monotonic() - first
     put(items, ("end", source), stop)
+
+
+def is_network(source: str) -> bool:
+    """Whether ``source`` is a URL FFmpeg reads over the network (rtsp://, http://, udp://, ...), whose end means a
+    dropped connection rather than the end of a recording."""
+    scheme, sep, _ = source.partition("://")
+    return bool(sep) and scheme.lower() not in ("file", "pipe")

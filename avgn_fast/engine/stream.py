@@ -7,13 +7,12 @@ rest of the model (audio encoder, whose spectral normalization spans the window,
 window's T frames, AESPA, patches, local encoder, classifier) runs per window. ``predict_windows``
 reads files one after another in a background thread (``data.sequential``: front to back, no seek)
 while the model classifies the windows already complete, batched across windows; ``engine.live.stream``
-does the same for live sources with the same pieces (``read_windows``, ``batches``, ``WindowRunner``).
+does the same for live sources with the same pieces (``source_windows``, ``batches``, ``WindowRunner``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import queue
 import threading
 import time
@@ -27,11 +26,11 @@ from avgn_fast.data.sequential import SequentialReader
 from avgn_fast.engine.batch import BatchPredictor, Prediction, error_line
 from avgn_fast.engine.windows import Window, WindowPlan, WindowPrediction, assemble
 
-__all__ = ["WindowPrediction", "WindowRunner", "batches", "predict_windows", "put", "read_windows"]
-
-log = logging.getLogger(__name__)
+__all__ = ["WindowPrediction", "WindowRunner", "batches", "predict_windows", "put", "source_windows"]
 
 _ENCODE_CHUNK = 64  # frames per visual-encoder call: bounds the activations
+# a window may end this far past the source's last frame and still count as inside it (timestamp rounding)
+_END_SLACK_S = 1e-3
 
 
 class WindowRunner:
@@ -57,8 +56,18 @@ class WindowRunner:
         """One row per window, in order (a window that fails gets an error row; the others go on)."""
         if not windows:
             return []
-        clips = [window_clip(w, self.batch.config.resize_shorter) for w in windows]
-        glance, fresh = self._glance(windows) if self.shares else (None, [0] * len(windows))
+        clips = []
+        for w in windows:
+            try:
+                clips.append(window_clip(w, self.batch.config.resize_shorter))
+            except Exception as e:  # this window's error row (``classify`` takes the exception)
+                clips.append(e)
+        glance, fresh = None, [len(w.samples) for w in windows]  # without shared features: each computes its own
+        if self.shares:
+            try:
+                glance, fresh = self._glance(windows)
+            except Exception:  # one window's bad input must not end the run: ``classify`` isolates it per clip
+                pass
         preds = self.batch.classify([w.source for w in windows], clips, glance=glance)
         now = time.monotonic()
         rows = []
@@ -106,7 +115,8 @@ class WindowRunner:
 
 
 def window_clip(w: Window, resize_shorter: int) -> Clip:
-    """The window as the Clip ``decode`` would give for its stretch of the source cut out as its own file."""
+    """The window as a Clip: the frames ``decode`` gives for its stretch of the source cut out as its own file; the
+    audio windows of its edge frames hear the source beyond the window, where the cut file would be silent."""
     return Clip(frames=torch.stack([s.frame for s in w.samples]), mel=torch.stack([s.mel for s in w.samples]),
                 audio_present=w.audio_present, duration=w.end_s - w.start_s, fps=w.fps,
                 source_size=w.samples[0].source_size, resize_shorter=resize_shorter,
@@ -134,17 +144,22 @@ def window_row(pred: Prediction, w: Window | None, *, source: str | None = None,
 END = object()  # the producer's last item in the queue
 
 
-def read_windows(source, plan: WindowPlan, params: DecodeParams, out: queue.Queue, stop: threading.Event, *,
-                 reader_options: dict | None = None, offset_s: float = 0.0) -> SequentialReader:
-    """Put every complete window of ``source`` into ``out`` (blocking while it is full) until its end or ``stop``;
-    returns the reader (its ``info``: end, audio, notes). Raises the source's ``DecodeError``."""
-    reader = SequentialReader(source, params, **(reader_options or {}))
-    for window in assemble(reader.samples(plan.all_times()), plan, str(source), offset_s=offset_s,
-                           audio_present=lambda: reader.info.audio_present, fps=lambda: reader.info.fps):
-        window.notes = list(reader.stats.notes)
-        if not put(out, window, stop):
-            break
-    return reader
+def source_windows(reader: SequentialReader, plan: WindowPlan, *, offset_s: float = 0.0) -> Iterator[Window]:
+    """The complete windows ``reader`` gives that end within its source, in order, each with the decode notes
+    added since the previous one. Raises the source's ``DecodeError``.
+
+    A window whose end lies past the source's last frame (its samples are all before that frame's end)
+    is dropped: the source's end is known when the last windows complete, in the reader's final step.
+    """
+    noted = 0
+    for window in assemble(reader.samples(plan.all_times()), plan, str(reader.source), offset_s=offset_s,
+                           fps=lambda: reader.info.fps):
+        end = reader.info.end_s
+        if end is not None and window.end_s - offset_s > end + _END_SLACK_S:
+            return  # the windows after it end later still
+        notes = reader.stats.notes
+        window.notes, noted = notes[noted:], len(notes)
+        yield window
 
 
 def put(out: queue.Queue, item, stop: threading.Event) -> bool:
@@ -163,7 +178,7 @@ def predict_windows(batch: BatchPredictor, paths: Iterable, window_s: float, hop
                     ) -> Iterator[WindowPrediction]:
     """One row per window of each file, files in order, windows in time order (``hop_s`` default ``window_s``).
 
-    A background thread reads the files front to back (``read_windows``); this thread classifies the
+    A background thread reads the files front to back (``source_windows``); this thread classifies the
     windows complete so far, up to ``batch.batch_size`` at a time. A file shorter than one window gives
     one row over the whole file (``predict``'s clip); a file that fails gives an error row, and the
     next file goes on. ``on_window(window, row)`` sees each window with its row (the timeline uses it).
@@ -180,10 +195,13 @@ def predict_windows(batch: BatchPredictor, paths: Iterable, window_s: float, hop
                 return
             try:
                 check_file(path)  # a missing or empty file is named as decode names it
-                reader = read_windows(str(path), plan, params, items, stop)
+                reader, count = SequentialReader(str(path), params, stop=stop), 0
+                for window in source_windows(reader, plan):
+                    if not put(items, window, stop):
+                        return
+                    count += 1
                 end = reader.info.end_s
-                put(items, ("short", str(path), end) if end is not None and end < plan.window_s else ("done", path),
-                    stop)
+                put(items, ("short", str(path), end) if count == 0 and end is not None else ("done", path), stop)
             except Exception as e:  # this file's error; the next goes on
                 put(items, ("error", str(path), e), stop)
         put(items, END, stop)

@@ -2,9 +2,10 @@
 
 A window of ``W`` seconds starting every ``H`` seconds is one AVGN clip: its T frames are sampled at
 the midpoints of T equal segments, ``start + (i + 1/2) W / T`` (``common.VideoProbe.sample``'s rule,
-so a window equals its stretch of the file cut out as its own file). Windows share sample times when
-``H`` is a multiple of ``W / T`` (hop = W/2 with T even: each window shares half its frames with the
-next), and then share the frame, its log-mel and its glance features.
+so a window samples the same frames as its stretch of the file cut out as its own file; the audio
+windows of its edge frames reach beyond it, where they hear the source, not a cut file's silence).
+Windows share sample times when ``H`` is a multiple of ``W / T`` (hop = W/2 with T even: each window
+shares half its frames with the next), and then share the frame, its log-mel and its glance features.
 """
 
 from __future__ import annotations
@@ -61,19 +62,13 @@ class WindowPlan:
                 last = key
                 yield t
 
-    @property
-    def shares_frames(self) -> bool:
-        """Whether consecutive windows overlap on sample times (the hop is a multiple of the frame spacing)."""
-        ratio = self.hop_s * self.num_frames / self.window_s
-        return self.hop_s < self.window_s and abs(ratio - round(ratio)) < 1e-6
-
 
 @dataclass
 class Window:
-    """One complete window of a source: its index, its span (seconds, the source's clock) and its T samples."""
+    """One complete window of a source: its span (seconds, the source's clock) and its T samples; it has audio
+    when any of its samples heard some."""
 
     source: str
-    index: int
     start_s: float
     end_s: float
     samples: list[Sample]
@@ -89,12 +84,11 @@ class Window:
 
 
 def assemble(samples: Iterator[Sample], plan: WindowPlan, source: str, *, offset_s: float = 0.0,
-             audio_present=lambda: True, fps=lambda: 0.0) -> Iterator[Window]:
+             fps=lambda: 0.0) -> Iterator[Window]:
     """The windows that ``samples`` (the answers to ``plan.all_times()``, in order) complete, in order.
 
     Only the samples of windows not yet complete are held: memory is bounded by the window. Times
-    are shifted by ``offset_s`` (a live source's reconnection); ``audio_present`` and ``fps`` are read
-    when a window completes.
+    are shifted by ``offset_s`` (a live source's reconnection); ``fps`` is read when a window completes.
     """
     held: dict[int, Sample] = {}
     n = 0
@@ -103,8 +97,9 @@ def assemble(samples: Iterator[Sample], plan: WindowPlan, source: str, *, offset
         held[time_key(sample.time)] = sample
         while keys[-1] in held:  # samples arrive in time order: window n is complete
             start = plan.start(n)
-            yield Window(source, n, offset_s + start, offset_s + start + plan.window_s, [held[k] for k in keys],
-                         audio_present(), fps(), offset_s)
+            samples = [held[k] for k in keys]
+            yield Window(source, offset_s + start, offset_s + start + plan.window_s, samples,
+                         any(s.audio for s in samples), fps(), offset_s)
             n += 1
             keys = [time_key(t) for t in plan.times(n)]
             for k in [k for k in held if k < keys[0]]:
