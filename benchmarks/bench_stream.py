@@ -203,7 +203,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="concatenate the clips this many times")
     parser.add_argument("--window", type=float, default=4.0, help="window seconds (default: one AVSynth clip)")
     parser.add_argument("--live-seconds", type=float, default=40.0, help="seconds played into the FIFO")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/avgn_bench_stream"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/avgn_bench_stream"),
+                        help="folder for the dataset, the concatenated file, the FIFO and bench_stream.json "
+                             "(default: /tmp/avgn_bench_stream)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint

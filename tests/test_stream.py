@@ -1,4 +1,4 @@
-"""Windowed AVGN over long files and live sources: predict's answer on the cut file, in order, flat memory, live."""
+"""Windowed AVGN over long files and live sources: the cut file's frames and rows, in order, flat memory, live."""
 
 import dataclasses
 import itertools
@@ -149,6 +149,10 @@ def test_predict_cli_writes_window_rows_and_a_timeline(model, long_file, tmp_pat
     assert [p.name for p in explain.iterdir()] == ["00000_long_timeline.png"]
     assert "0.00s-4.00s" in capsys.readouterr().out
     assert cli_main(["predict", str(long_file[0]), "--checkpoint", str(checkpoint), "--hop", "2"]) == 2
+    for ignored in (["--workers", "2"], ["--decode", "dali"]):  # a usage error, not an option silently left unused
+        assert cli_main(["predict", str(long_file[0]), "--checkpoint", str(checkpoint), "--device", "cpu",
+                         "--window", "4", *ignored]) == 2
+    assert "--window does not take --decode dali" in capsys.readouterr().err
     live = tmp_path / "live.jsonl"  # a file is a live source too; rows are appended as they come
     live.write_text('{"earlier": "row"}\n')
     assert cli_main(["stream", str(long_file[0]), "--checkpoint", str(checkpoint), "--device", "cpu", "--window", "5",

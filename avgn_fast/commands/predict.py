@@ -72,9 +72,8 @@ def main(paths, checkpoint, jsonl=None, topk=5, explain=None, device="auto", pre
         exit_threshold = parse_exit_threshold(exit_threshold, "--exit-threshold")
     if window is None and hop is not None:
         raise ValueError("--hop needs --window")
-    if window is not None and (ray is not None or devices is not None or keyframes_only):
-        raise ValueError("--window reads each file front to back on one device: leave out --ray, --devices and "
-                         "--keyframes-only")
+    if window is not None:
+        check_window_options(ray=ray, devices=devices, keyframes_only=keyframes_only, decode=decode, workers=workers)
     if ray is None:
         if out_parquet is not None or ray_actors is not None:
             raise ValueError("--out-parquet and --ray-actors need --ray")
@@ -166,6 +165,18 @@ def _predict_on_ray(address: str, inputs: list[str], checkpoint, device: str, ac
     finally:
         if started:
             ray.shutdown()
+
+
+def check_window_options(*, ray, devices, keyframes_only, decode, workers) -> None:
+    """Refuse, as usage errors, the options ``--window`` would otherwise ignore: it reads each file front to back with
+    PyAV in one background reader, on one device."""
+    unsupported = [flag for flag, value in (("--ray", ray), ("--devices", devices), ("--workers", workers))
+                   if value is not None] + (["--keyframes-only"] if keyframes_only else [])
+    if decode not in ("auto", "pyav"):
+        unsupported.append(f"--decode {decode}")
+    if unsupported:
+        raise ValueError(f"--window does not take {', '.join(unsupported)} (each file is read front to back by one "
+                         "PyAV reader, on one device)")
 
 
 def check_ray_options(*, explain, devices, decode, workers) -> None:

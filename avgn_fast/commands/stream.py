@@ -1,11 +1,11 @@
 """Classify a live source as it plays: one row per hop, as soon as its window is complete.
 
-SOURCE is anything FFmpeg opens live: a FIFO or a growing file, rtsp://, udp://, http://, /dev/video0
-(several sources are classified together, their windows batched on one model). Each row is printed
-(and appended to --jsonl) with its window's start and end on the source's clock and its latency_ms,
-from the window's last decoded sample to the row. A stall or a dropped connection is an error row,
-then the source is opened again (--reconnects); the command ends when every source has ended, or
-cleanly on Ctrl-C.
+SOURCE is anything FFmpeg opens live: a FIFO, rtsp://, udp://, http://, /dev/video0, or a file still
+being written, with --option follow=1 (several sources are classified together, their windows batched on
+one model). Each row is printed (and appended to --jsonl) with its window's start and end on the
+source's clock and its latency_ms, from the window's last decoded sample to the row. A stall or a
+dropped connection is an error row, then the source is opened again (up to --reconnects failures in a
+row); the command ends when every source has ended, or cleanly on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from avgn_fast.commands.options import add_engine_arguments, add_inference_argum
 
 
 def add_arguments(p) -> None:
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="live sources: FIFO, file, rtsp://, udp://, http://, "
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="live sources: FIFO, file (being written: add "
+                                                               "--option follow=1), rtsp://, udp://, http://, "
                                                                "/dev/video0 (several are batched together)")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint file written by `avgn-fast train`, or a folder written by `avgn-fast export`")
@@ -35,7 +36,8 @@ def add_arguments(p) -> None:
                    help="force the demuxer, e.g. mpegts, v4l2 (default: probed)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="longest wait for data from a network source before it counts as stalled")
-    p.add_argument("--reconnects", type=int, default=3, help="times a failed source is opened again")
+    p.add_argument("--reconnects", type=int, default=3,
+                   help="failures in a row after which a source is given up; a window read starts the count afresh")
     add_engine_arguments(p)
     add_inference_arguments(p)
 
