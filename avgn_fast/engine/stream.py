@@ -149,7 +149,9 @@ def source_windows(reader: SequentialReader, plan: WindowPlan, *, offset_s: floa
     added since the previous one. Raises the source's ``DecodeError``.
 
     A window whose end lies past the source's last frame (its samples are all before that frame's end)
-    is dropped: the source's end is known when the last windows complete, in the reader's final step.
+    is dropped. The end is known when the window completes in the reader's final step, as it does when
+    no frame starts between its last sample and the source's end; otherwise the source ends less than
+    half a sample spacing (W/2T) before the window does, and the window is kept.
     """
     noted = 0
     for window in assemble(reader.samples(plan.all_times()), plan, str(reader.source), offset_s=offset_s,
