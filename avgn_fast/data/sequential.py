@@ -11,9 +11,9 @@ reach beyond the window, where they hear the source (a cut file has silence ther
 - the frame at time t is the last one shown at or before t (known once a later frame arrives, or
   at the end of the stream), converted to the model's size by ``pyav_backend.FrameConverter``;
 - the audio is averaged to mono (``pyav_audio.mono_samples``), non-finite samples zeroed and the rest
-  clipped to [-1, 1] (``pyav_audio.repair``), frames placed by timestamp (a gap over 1 ms is silence), resampled to the
-  model's rate by one streaming libswresample context, and the window around t is framed and turned
-  into a log-mel by ``data.audio`` (``window_segments``, ``segments_log_mel``).
+  clipped to [-1, 1] (``pyav_audio.repair``), frames placed by timestamp (a gap over 1 ms is silence),
+  resampled to the model's rate by one streaming libswresample context, and the window around t is
+  framed and turned into a log-mel by ``data.audio`` (``window_segments``, ``segments_log_mel``).
 
 Memory is bounded by the asked times, not by the source: the reader keeps the frame on screen, the
 answered samples waiting for their sound (at most ``_AUDIO_LAG_S`` of video), and the audio from the
@@ -50,10 +50,10 @@ class Sample:
 
     ``time`` is in seconds after the source's first video frame; ``frame`` uint8 (3, S, S); ``mel``
     float32 (n_mels, n_steps), silence without audio; ``ready`` the ``time.monotonic()`` at which both
-    were known (what a live row's latency counts from); ``audio`` whether decoded sound overlapped its audio
-    window (a window of samples none of which had any is one without audio, as its cut-out file would be).
-    ``features`` holds what a consumer computed
-    from the sample once (the stream engine's glance features), so windows that share it share them.
+    were known (what a live row's latency counts from); ``audio`` whether decoded sound overlapped its
+    audio window (a window none of whose samples had any is one without audio, as its cut-out file would
+    be). ``features`` holds what a consumer computed from the sample once (the stream engine's glance
+    features), so windows that share it share them.
     """
 
     time: float

@@ -9,8 +9,8 @@ timestamps, not by arrival. A failure of a source (a stall past ``timeout``, a d
 source that cannot be opened; for a network source, also its end: a server that closes the connection)
 is one error row, after which the source is opened again, up to ``reconnects`` failures in a row (a
 window read counts them afresh); its windows then continue on a clock shifted by the wall time since
-it was first opened. The iteration ends when every source has ended; stopping it (Ctrl-C, ``close()``) stops
-the readers.
+it was first opened. The iteration ends when every source has ended; stopping it (Ctrl-C, ``close()``)
+stops the readers at their next packet.
 """
 
 from __future__ import annotations
