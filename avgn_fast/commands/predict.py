@@ -95,10 +95,7 @@ def main(paths, checkpoint, jsonl=None, topk=5, explain=None, device="auto", pre
     predictor = Predictor(checkpoint, device=device, decode_backend=decode, num_workers=workers, devices=devices,
                           **settings)
     if window is not None:
-        from avgn_fast.commands.stream import write_rows
-
-        rows = predictor.predict_iter(inputs, explain_dir=explain, window_s=window, hop_s=hop)
-        return write_rows(rows, LineWriter(jsonl) if jsonl else None, jsonl=jsonl)
+        return write_rows(predictor.predict_iter(inputs, explain_dir=explain, window_s=window, hop_s=hop), jsonl)
     return write_predictions(predictor.predict_iter(inputs, explain_dir=explain), len(inputs), jsonl, explain)
 
 
@@ -131,6 +128,35 @@ def write_predictions(predictions, total: int, jsonl: str | None, explain: str |
               + (f"; results in {jsonl}" if jsonl else "") + (f"; explanations in {explain}" if explain else ""),
               file=sys.stderr)
     return 1 if failed == total else 0
+
+
+def write_rows(rows, jsonl: str | None, *, append: bool = False) -> int:
+    """Write each window row to ``jsonl`` (``LineWriter``; ``append``: added to the file as rows come) and one line
+    per row to stdout; a summary at the end. Returns 1 when every row was an error (or none came), else 0."""
+    done = failed = 0
+    start = time.perf_counter()
+    try:
+        with LineWriter(jsonl, append=append) if jsonl else contextlib.nullcontext() as out:
+            for row in rows:
+                if out is not None:
+                    out.write(row.to_json())
+                done += 1
+                span = f"{_seconds(row.start_s)}-{_seconds(row.end_s)}"
+                if row.ok:
+                    latency = "" if row.latency_ms is None else f"\t{row.latency_ms:.0f} ms"
+                    print(f"{row.path}\t{span}\t{row.label}\t{row.score:.3f}\t{row.gflops:.3f} GFLOPs{latency}",
+                          flush=True)
+                else:
+                    failed += 1
+                    print(f"{row.path}\t{span}\tERROR\t{row.error}", flush=True)
+    finally:
+        print(f"{done - failed} windows classified, {failed} errors in {time.perf_counter() - start:.1f} s"
+              + (f"; rows in {jsonl}" if jsonl else ""), file=sys.stderr)
+    return 1 if failed == done else 0
+
+
+def _seconds(value) -> str:
+    return "?" if value is None else f"{value:.2f}s"
 
 
 def summary(done: int, failed: int, total: int, seconds: float) -> str:
@@ -244,16 +270,17 @@ class LineWriter:
     """Lines to a temporary file beside ``path``, flushed one by one, renamed onto ``path`` on exit.
 
     ``path`` is untouched until the rename, which happens however the ``with`` block ends, so it only
-    ever holds whole lines.
+    ever holds whole lines. With ``append`` the lines go straight to the end of ``path`` instead, each
+    flushed as it is written: a live run's rows are readable as they come.
     """
 
-    def __init__(self, path):
-        self.path = Path(path)
+    def __init__(self, path, *, append: bool = False):
+        self.path, self.append = Path(path), append
         # a short name of its own: a long ``path`` name plus a suffix could exceed the file system's limit
-        self.tmp = self.path.with_name(f".avgn-fast-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        self.tmp = None if append else self.path.with_name(f".avgn-fast-{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
     def __enter__(self) -> LineWriter:
-        self.file = open(self.tmp, "x", encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8") if self.append else open(self.tmp, "x", encoding="utf-8")
         return self
 
     def write(self, line: str) -> None:
@@ -262,4 +289,5 @@ class LineWriter:
 
     def __exit__(self, *exc) -> None:
         self.file.close()
-        os.replace(self.tmp, self.path)
+        if not self.append:
+            os.replace(self.tmp, self.path)

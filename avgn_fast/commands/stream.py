@@ -10,10 +10,6 @@ row); the command ends when every source has ended, or cleanly on Ctrl-C.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
-
 from avgn_fast.commands.options import add_engine_arguments, add_inference_arguments
 
 
@@ -46,6 +42,7 @@ def main(sources, checkpoint, window, hop=None, jsonl=None, topk=5, batch_size=8
          timeout=10.0, reconnects=3, device="auto", precision="auto", backend="eager", k=None,
          exit_threshold="checkpoint") -> int:
     """Follow ``sources`` until they end; returns 1 when every row was an error, else 0."""
+    from avgn_fast.commands.predict import write_rows
     from avgn_fast.config import parse_exit_threshold
     from avgn_fast.engine.live import stream
 
@@ -55,7 +52,7 @@ def main(sources, checkpoint, window, hop=None, jsonl=None, topk=5, batch_size=8
     rows = stream(sources, checkpoint, window_s=window, hop_s=hop, device=device, precision=precision,
                   batch_size=batch_size, topk=topk, k=k, exit_threshold=exit_threshold, backend=backend,
                   options=options, timeout=timeout, reconnects=reconnects, input_format=input_format)
-    return write_rows(rows, AppendWriter(jsonl) if jsonl else None, jsonl=jsonl)
+    return write_rows(rows, jsonl, append=True)
 
 
 def parse_options(pairs) -> dict[str, str]:
@@ -67,51 +64,3 @@ def parse_options(pairs) -> dict[str, str]:
             raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
-
-
-def write_rows(rows, sink=None, *, jsonl: str | None = None) -> int:
-    """Print one line per window row and write its JSON to ``sink`` (an ``AppendWriter`` or ``predict.LineWriter``,
-    entered here; None: print only); a summary naming ``jsonl`` at the end. Returns 1 when every row was an error
-    (or none came), else 0."""
-    done = failed = 0
-    start = time.perf_counter()
-    try:
-        with sink if sink is not None else contextlib.nullcontext() as out:
-            for row in rows:
-                if out is not None:
-                    out.write(row.to_json())
-                done += 1
-                span = f"{_seconds(row.start_s)}-{_seconds(row.end_s)}"
-                if row.ok:
-                    latency = "" if row.latency_ms is None else f"\t{row.latency_ms:.0f} ms"
-                    print(f"{row.path}\t{span}\t{row.label}\t{row.score:.3f}\t{row.gflops:.3f} GFLOPs{latency}",
-                          flush=True)
-                else:
-                    failed += 1
-                    print(f"{row.path}\t{span}\tERROR\t{row.error}", flush=True)
-    finally:
-        print(f"{done - failed} windows classified, {failed} errors in {time.perf_counter() - start:.1f} s"
-              + (f"; rows in {jsonl}" if jsonl else ""), file=sys.stderr)
-    return 1 if failed == done else 0
-
-
-class AppendWriter:
-    """Lines appended to ``path``, each flushed as it is written: a live run's rows are readable as they come."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self) -> AppendWriter:
-        self.file = open(self.path, "a", encoding="utf-8")
-        return self
-
-    def write(self, line: str) -> None:
-        self.file.write(line + "\n")
-        self.file.flush()
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
-
-
-def _seconds(value) -> str:
-    return "?" if value is None else f"{value:.2f}s"
