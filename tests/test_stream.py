@@ -204,6 +204,23 @@ def test_stream_batches_the_windows_of_several_sources(model, tmp_path):
     assert all(r.ok for r in rows) and len(rows) == 6
 
 
+def test_a_file_still_being_written_is_followed_with_the_follow_option(model, tmp_path):
+    path = tmp_path / "recording.ts"
+    path.touch()
+    writer, written = _live_writer(path, 3)
+    try:
+        deadline = time.monotonic() + 20
+        while written[-1] < 1 and time.monotonic() < deadline:  # the writer has started
+            time.sleep(0.05)
+        rows = list(avgn_fast.stream(str(path), model, window_s=1.0, device="cpu", timeout=2.0, reconnects=0,
+                                     options={"follow": "1", **FAST_PROBE}))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert [(r.start_s, r.end_s) for r in rows if r.ok] == [(0, 1), (1, 2)]  # 2-3 s needs a frame after 2.97 s
+    assert "stalled" in rows[-1].error  # FFmpeg waits at the end for more: the writer's silence ends it
+
+
 def test_closing_the_iteration_stops_a_reader_between_windows(model, tmp_path):
     # a 30-s live source read in 60-s windows never reaches a window, so only the reader itself can notice the stop
     fifo = tmp_path / "long.ts"
