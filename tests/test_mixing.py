@@ -111,8 +111,9 @@ def test_a_fixed_seeds_mixup_draw_by_hand_and_off_draws_nothing():
     draw = draw_mixing(5, 16, 20, Mixing(mixup=0.4), g)
     h = torch.Generator().manual_seed(7)
     assert draw.partner.tolist() == torch.randperm(5, generator=h).tolist()
-    expected = _johnk(torch.rand(16, 2, generator=h, dtype=torch.float64).tolist(), 0.4, 5)
-    assert draw.lam.tolist() == pytest.approx(expected, abs=1e-12) and draw.boxes is None
+    expected = [round(v * 128) / 128 for v in _johnk(torch.rand(16, 2, generator=h, dtype=torch.float64).tolist(),
+                                                      0.4, 5)]  # on the fixed-point grid of the frame blend
+    assert draw.lam.tolist() == expected and draw.boxes is None
     state = g.get_state()
     assert draw_mixing(5, 16, 20, Mixing(), g) is None and torch.equal(g.get_state(), state)
     with pytest.raises(ValueError, match="Beta concentrations"):
@@ -135,22 +136,27 @@ def _batch(seed: int, b: int = 3, t: int = 2, size: int = 6, bins: int = 4, step
 def test_mixup_apply_against_a_hand_loop():
     frames, mel, targets = _batch(1)
     present = torch.tensor([True, False, True])
-    draw = MixDraw(torch.tensor([2, 0, 1]), torch.tensor([0.3, 0.5, 0.9], dtype=torch.float64))
+    shares = [38, 64, 115]  # in 1/128
+    draw = MixDraw(torch.tensor([2, 0, 1]), torch.tensor(shares, dtype=torch.float64) / 128)
     out_frames, out_mel, out_present, out_targets = mix_batch(frames, mel, present, targets, draw)
-    for i, (j, lam) in enumerate([(2, 0.3), (0, 0.5), (1, 0.9)]):
-        a, b = frames[i].double(), frames[j].double()
-        # rounded to the nearest integer, up to float32's error at exact halves (0.3 * 192 + 0.7 * 197 = 195.5)
-        assert ((out_frames[i].double() - (lam * a + (1 - lam) * b)).abs() <= 0.5 + 1e-4).all()
+    for i, (j, q) in enumerate(zip([2, 0, 1], shares, strict=True)):
+        lam = q / 128
+        a, b = frames[i].long(), frames[j].long()
+        # rounded half up, in integers: floor((a q + b (128 - q)) / 128 + 1/2)
+        assert torch.equal(out_frames[i].long(), torch.div(a * q + b * (128 - q) + 64, 128, rounding_mode="floor"))
+        assert ((out_frames[i].double() - (lam * a + (1 - lam) * b)).abs() <= 0.5).all()
         power = lam * mel[i].double().exp() + (1 - lam) * mel[j].double().exp()
         torch.testing.assert_close(out_mel[i].double(), power.log(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out_targets[i], lam * targets[i] + (1 - lam) * targets[j])
         assert out_present[i].item() == bool(present[i] or present[j])
     assert out_frames.dtype == torch.uint8 and torch.allclose(out_targets.sum(-1), torch.ones(3))
+    with pytest.raises(ValueError, match="multiples of 1/128"):
+        mix_batch(frames, mel, present, targets, MixDraw(torch.tensor([2, 0, 1]), torch.tensor([0.3, 0.5, 0.9])))
 
 
 def test_mixup_of_silence_with_silence_stays_silence():
     silence = torch.full((2, 2, 4, 7), math.log(1e-6))
-    draw = MixDraw(torch.tensor([1, 0]), torch.tensor([0.35, 0.8], dtype=torch.float64))
+    draw = MixDraw(torch.tensor([1, 0]), torch.tensor([45 / 128, 0.8125], dtype=torch.float64))
     frames, _, targets = _batch(2, b=2)
     _, mel, _, _ = mix_batch(frames, silence, torch.zeros(2, dtype=torch.bool), targets, draw)
     torch.testing.assert_close(mel, silence)
