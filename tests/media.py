@@ -133,6 +133,29 @@ def write_video(path, *, codec: str = "h264", audio: str | None = "aac", size: t
     return path
 
 
+def write_tone_chunks(path, video_s: float, starts, *, rate: int = 16000, chunk: int = 1600, fps: int = 10) -> Path:
+    """FFV1 video of ``video_s`` seconds (``indexed_frames`` at ``fps``) and PCM chunks of a 440 Hz tone, ``chunk``
+    samples each, stamped at the sample offsets ``starts``: silence between chunks that do not meet, an overlap
+    where a chunk starts before the last one ends (the tone follows each chunk's own time)."""
+    with av.open(str(path), "w") as c:
+        video = c.add_stream("ffv1", rate=fps)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        audio = c.add_stream("pcm_s16le", rate=rate, layout="mono")
+        for i, img in enumerate(indexed_frames(round(video_s * fps), (32, 32))):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            c.mux(video.encode(frame))
+        c.mux(video.encode(None))
+        t = np.arange(chunk) / rate
+        for start in starts:
+            tone = (0.4 * np.sin(2 * np.pi * 440 * (t + start / rate)) * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(tone[None], format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            c.mux(audio.encode(frame))
+        c.mux(audio.encode(None))
+    return Path(path)
+
+
 def write_huge_frame(path, side: int = 16000) -> Path:
     """One ``side x side`` PNG frame (1-bit: vertical stripes 4 pixels wide) in a mov file of a few kilobytes.
 

@@ -13,6 +13,7 @@ from media import (
     reference_frames,
     write_audio_only,
     write_garbage,
+    write_tone_chunks,
     write_truncated,
     write_video,
 )
@@ -341,23 +342,9 @@ def test_clean_lossy_audio_carries_no_notes(media):
 
 def test_audio_after_a_timestamp_gap_is_placed_by_time(tmp_path, read_mode):
     """1 s of tone, no packets for 0.5 s, 0.5 s of tone: the gap must stay silent, not pull the later tone early."""
-    path, rate, chunk = tmp_path / "gap.mkv", 16000, 1600
-    with av.open(str(path), "w") as c:
-        video = c.add_stream("ffv1", rate=10)
-        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
-        audio = c.add_stream("pcm_s16le", rate=rate, layout="mono")
-        for i, img in enumerate(indexed_frames(20, (32, 32))):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            c.mux(video.encode(frame))
-        c.mux(video.encode(None))
-        t = np.arange(chunk) / rate
-        for start in [*range(0, rate, chunk), *range(3 * rate // 2, 2 * rate, chunk)]:
-            tone = (0.4 * np.sin(2 * np.pi * 440 * (t + start / rate)) * 32767).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(tone[None], format="s16", layout="mono")
-            frame.sample_rate, frame.pts = rate, start
-            c.mux(audio.encode(frame))
-        c.mux(audio.encode(None))
+    rate, chunk = 16000, 1600
+    starts = [*range(0, rate, chunk), *range(3 * rate // 2, 2 * rate, chunk)]
+    path = write_tone_chunks(tmp_path / "gap.mkv", 2.0, starts)
     clip = decode_clip(path, num_frames=4, size=32, audio_window_s=0.2)  # windows at 0.25, 0.75, 1.25, 1.75 s
     energy = clip.mel.amax(dim=(1, 2))  # the tone's loudest mel bin per window
     assert clip.audio_present and any("gaps" in note for note in clip.notes), clip.notes

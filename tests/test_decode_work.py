@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from media import frame_level, indexed_frames, write_video
+from media import frame_level, indexed_frames, write_tone_chunks, write_video
 
 from avgn_fast.data import pyav_backend
 from avgn_fast.data.audio import LOG_EPS
@@ -60,24 +60,9 @@ def test_long_gaps_still_restart_from_the_keyframe(tmp_path, read_mode):
 def test_overlapping_audio_is_cut_once_and_later_audio_keeps_its_time(tmp_path):
     """A 0.1-s chunk that starts 50 ms before the previous one ends: the overlap is cut and the audio after it
     stays where its timestamps put it, with no hole (a tone from 0 to 2 s, so every window is loud)."""
-    path, rate, chunk = tmp_path / "overlap.mkv", 16000, 1600
+    rate, chunk = 16000, 1600
     starts = [0, 1600, 2400, *range(4000, 2 * rate, chunk)]  # [2400, 4000) overlaps [1600, 3200) by 800 samples
-    with av.open(str(path), "w") as c:
-        video = c.add_stream("ffv1", rate=10)
-        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
-        audio = c.add_stream("pcm_s16le", rate=rate, layout="mono")
-        for i, img in enumerate(indexed_frames(20, (32, 32))):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            c.mux(video.encode(frame))
-        c.mux(video.encode(None))
-        t = np.arange(chunk) / rate
-        for start in starts:
-            tone = (0.4 * np.sin(2 * np.pi * 440 * (t + start / rate)) * 32767).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(tone[None], format="s16", layout="mono")
-            frame.sample_rate, frame.pts = rate, start
-            c.mux(audio.encode(frame))
-        c.mux(audio.encode(None))
+    path = write_tone_chunks(tmp_path / "overlap.mkv", 2.0, starts, rate=rate, chunk=chunk)
     # windows of 0.2 s at 0.25, 0.75, 1.25, 1.75 s: the first holds the overlap's end (0.25 s), where a wrong
     # running position would have put 50 ms of silence and pushed everything after it 50 ms late
     clip = decode_clip(path, num_frames=4, size=32, audio_window_s=0.2)

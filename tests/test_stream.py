@@ -11,11 +11,10 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
-from media import default_frames, default_wave, indexed_frames, write_video
+from media import default_frames, default_wave, write_tone_chunks, write_video
 from random_models import random_model
 
 import avgn_fast
@@ -310,31 +309,9 @@ def test_a_stalled_http_source_gives_an_error_row_and_the_stream_goes_on(model, 
     assert len(after) >= 3 and after[0].start_s > rows[stall].start_s  # reconnected; its clock goes on
 
 
-def _write_sound_chunks(path, video_s: float, starts, chunk: int = 1600) -> Path:
-    """FFV1 video of ``video_s`` seconds and PCM tone chunks of ``chunk`` samples at the sample offsets ``starts``:
-    nothing between chunks that do not meet."""
-    with av.open(str(path), "w") as c:
-        video = c.add_stream("ffv1", rate=FPS)
-        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
-        audio = c.add_stream("pcm_s16le", rate=RATE, layout="mono")
-        for i, img in enumerate(indexed_frames(round(video_s * FPS), (32, 32))):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            c.mux(video.encode(frame))
-        c.mux(video.encode(None))
-        t = np.arange(chunk) / RATE
-        for start in starts:
-            tone = (0.4 * np.sin(2 * np.pi * 440 * (t + start / RATE)) * 32767).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(tone[None], format="s16", layout="mono")
-            frame.sample_rate, frame.pts = RATE, start
-            c.mux(audio.encode(frame))
-        c.mux(audio.encode(None))
-    return Path(path)
-
-
 def test_audio_gaps_are_one_counted_note_and_each_row_gets_only_its_own_notes(model, tmp_path):
     starts = range(0, 12 * RATE, 2400)  # 0.1 s of sound, then 0.05 s of none, for 12 s
-    path = _write_sound_chunks(tmp_path / "gappy.mkv", 12, starts)
+    path = write_tone_chunks(tmp_path / "gappy.mkv", 12, starts, rate=RATE, fps=FPS)
     rows = Predictor(model, device="cpu", num_workers=0).predict([path], window_s=4.0)
     assert len(rows) == 3 and all(r.ok for r in rows)
     notes = [n for r in rows for n in r.notes]
@@ -355,13 +332,13 @@ def _peak_bytes(reader: SequentialReader, plan: WindowPlan) -> tuple[int, int]:
 def test_sound_is_not_piled_up_when_the_video_stops_or_no_time_is_asked(tmp_path):
     params = DecodeParams.from_config(CONFIG)
     # 1 s of video, 120 s of sound (7.7 MB at 16 kHz in float32): at most _AUDIO_LAG_S of it is held
-    path = _write_sound_chunks(tmp_path / "long_sound.mkv", 1, range(0, 120 * RATE, 1600))
+    path = write_tone_chunks(tmp_path / "long_sound.mkv", 1, range(0, 120 * RATE, 1600), rate=RATE, fps=FPS)
     reader = SequentialReader(str(path), params)
     count, peak = _peak_bytes(reader, WindowPlan(1.0, 1.0, CONFIG.num_frames))
     assert count == CONFIG.num_frames and peak < 4e6, peak
     assert any("ahead of the video" in n for n in reader.stats.notes)
     # 121 s of both, one 1-s window a minute: the 59 s of sound between windows (3.8 MB) is not kept
-    path = _write_sound_chunks(tmp_path / "sparse.mkv", 121, range(0, 121 * RATE, 1600))
+    path = write_tone_chunks(tmp_path / "sparse.mkv", 121, range(0, 121 * RATE, 1600), rate=RATE, fps=FPS)
     count, peak = _peak_bytes(SequentialReader(str(path), params), WindowPlan(1.0, 60.0, CONFIG.num_frames))
     assert count == 3 * CONFIG.num_frames and peak < 1.5e6, peak
 
