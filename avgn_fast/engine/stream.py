@@ -12,6 +12,7 @@ does the same for live sources with the same pieces (``source_windows``, ``batch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -64,10 +65,9 @@ class WindowRunner:
                 clips.append(e)
         glance, fresh = None, [len(w.samples) for w in windows]  # without shared features: each computes its own
         if self.shares:
-            try:
+            # one window's bad input must not end the run: without shared features ``classify`` isolates it per clip
+            with contextlib.suppress(Exception):
                 glance, fresh = self._glance(windows)
-            except Exception:  # one window's bad input must not end the run: ``classify`` isolates it per clip
-                pass
         preds = self.batch.classify([w.source for w in windows], clips, glance=glance)
         now = time.monotonic()
         rows = []
