@@ -31,11 +31,18 @@ def write_explanation(explain_dir: str | os.PathLike, clip: Clip, prediction, *,
     fig = plt.figure(figsize=(max(2.0 * max(len(kept), 1), 6.0), 4.6), constrained_layout=True)
     try:
         _draw(fig, clip, prediction)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "xb") as f:
-            fig.savefig(f, format="png", dpi=80)
+        save_new_png(fig, path)
     finally:
         plt.close(fig)
+    return path
+
+
+def save_new_png(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG to ``path``, which must not exist yet (opened "xb": an existing file is never replaced,
+    ``FileExistsError`` instead)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb") as f:
+        fig.savefig(f, format="png", dpi=80)
     return path
 
 

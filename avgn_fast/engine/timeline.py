@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from avgn_fast.engine.batch import error_line
+from avgn_fast.engine.explain import save_new_png
 from avgn_fast.engine.windows import Window, WindowPrediction
 
 MAX_THUMBNAILS = 16
@@ -128,9 +129,7 @@ def write_timeline(path: Path, entries: list[_Entry], class_names: list[str]) ->
         ax.set_xlabel("time (s)")
         ax.set_ylabel("saliency")
         ax.set_title("saliency of every sampled frame (one line per window)", fontsize=9)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "xb") as f:
-            fig.savefig(f, format="png", dpi=80)
+        save_new_png(fig, path)
     finally:
         plt.close(fig)
     return path
