@@ -1,7 +1,8 @@
 """Windowed and live AVGN on CPU: shared-glance saving, real-time sources per core, per-hop latency, window accuracy.
 
     python benchmarks/bench_stream.py --avsynth AVSYNTH_DIR --checkpoint CK [--clips 60] [--window 4]
-                                      [--live-seconds 40] [--workdir /tmp/avgn_bench_stream]
+                                      [--live-seconds 40] [--sources 8,16,32,48] [--sources-seconds 30]
+                                      [--workdir /tmp/avgn_bench_stream]
 
 AVSynth test clips (``avgn-fast synth``; written into the workdir when ``--avsynth`` is left out) are
 concatenated into one long file, segment by segment, re-encoded (H.264 + AAC, the clips' own fps and
@@ -16,7 +17,12 @@ sample rate). On it:
 3. latency: the long file remuxed into a FIFO as MPEG-TS at real-time pace by a writer process;
    ``avgn_fast.stream`` on the FIFO; p50 / p95 of the rows' ``latency_ms``;
 4. accuracy (with a trained ``--checkpoint``): the fraction of windows lying inside one segment whose
-   label is that segment's class.
+   label is that segment's class;
+5. live sources on one core, run live: ``--sources-seconds`` of the file played at real-time pace into N
+   FIFOs at once by one writer process on the last core, ``avgn_fast.stream`` on all N in one process
+   pinned to the first core with one torch thread; per N, the rows against those expected, and the lag
+   from the moment a window's last second was played to its row (bounded when the core keeps up, growing
+   when it does not; the second half of the run shows it).
 
 Prints one table and writes ``bench_stream.json`` into the workdir.
 """
@@ -149,17 +155,10 @@ def remux_live(src: str, dst: str) -> None:
 
 def live_latency(checkpoint, path: Path, workdir: Path, window: float, hop: float, seconds: float) -> dict:
     """p50 / p95 latency of ``avgn_fast.stream`` on ``seconds`` of ``path`` played into a FIFO at real-time pace."""
-    import av
-
     import avgn_fast
 
     clip = workdir / "live_source.mp4"
-    with av.open(str(path)) as inp, av.open(str(clip), "w") as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in (inp.streams.video[0], inp.streams.audio[0])}
-        for packet in inp.demux(*inp.streams.video, *inp.streams.audio):
-            if packet.dts is not None and float(packet.dts * packet.time_base) < seconds:
-                packet.stream = streams[packet.stream_index]
-                out.mux(packet)
+    _cut(path, clip, seconds)
     fifo = workdir / "live.ts"
     if fifo.exists():
         fifo.unlink()
@@ -172,6 +171,120 @@ def live_latency(checkpoint, path: Path, workdir: Path, window: float, hop: floa
     latency = np.array([r.latency_ms for r in rows if r.ok])
     return {"rows": len(rows), "errors": sum(not r.ok for r in rows),
             "p50_ms": float(np.percentile(latency, 50)), "p95_ms": float(np.percentile(latency, 95))}
+
+
+def remux_live_many(src: str, dsts: list[str]) -> None:
+    """``remux_live`` into every one of ``dsts`` at once (N cameras playing the same recording); prints the
+    monotonic clock at which the first packet went out, once every output is open."""
+    import av
+
+    with av.open(src) as inp:
+        outs = [av.open(d, "w", format="mpegts", container_options={"flush_packets": "1"}) for d in dsts]
+        streams = [{s.index: out.add_stream_from_template(s) for s in (inp.streams.video[0], inp.streams.audio[0])}
+                   for out in outs]
+        for out in outs:
+            out.start_encoding()  # opens the FIFO (waiting for its reader) and writes the header
+        start = time.monotonic()
+        print(start, flush=True)
+        for packet in inp.demux(*inp.streams.video, *inp.streams.audio):
+            if packet.dts is None:
+                continue
+            time.sleep(max(start + float(packet.dts * packet.time_base) - time.monotonic(), 0))
+            index = packet.stream_index  # re-pointing the packet at an output stream changes it
+            for out, mapping in zip(outs, streams):
+                packet.stream = mapping[index]
+                out.mux(packet)
+        for out in outs:
+            out.close()
+
+
+def live_sources(checkpoint, path: Path, workdir: Path, window: float, hop: float, seconds: float,
+                 counts: list[int]) -> list[dict]:
+    """N live sources on one core: ``seconds`` of ``path`` played into N FIFOs at real-time pace by one writer
+    (on the other core), ``avgn_fast.stream`` on all N in one process pinned to one core with one torch thread.
+
+    A row's lag is the wall time from the moment its window's last second was played to the row; the core
+    keeps up with N sources when the lag stays bounded (no growth over the run) and no row is an error.
+    """
+    clip = workdir / f"live_{seconds:g}s.mp4"
+    _cut(path, clip, seconds)
+    cores = sorted(os.sched_getaffinity(0))
+    results = []
+    for n in counts:
+        fifos = [workdir / f"live_{i}.ts" for i in range(n)]
+        for f in fifos:
+            if f.exists():
+                f.unlink()
+            os.mkfifo(f)
+        reader_code = f"""
+import json, os, sys, time, torch
+os.sched_setaffinity(0, {{{cores[0]}}})
+torch.set_num_threads(1)
+import avgn_fast
+rows = []
+for r in avgn_fast.stream({[str(f) for f in fifos]!r}, {str(checkpoint)!r}, window_s={window}, hop_s={hop},
+                          device="cpu", reconnects=0, batch_size=16,
+                          options={{"analyzeduration": "500000", "probesize": "32768"}}):
+    rows.append((time.monotonic(), r.end_s, r.ok, r.latency_ms))
+print(json.dumps(rows))
+"""
+        writer_code = (f"import os, sys; os.sched_setaffinity(0, {{{cores[-1]}}}); "
+                       f"sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_stream import remux_live_many; "
+                       f"remux_live_many({str(clip)!r}, {[str(f) for f in fifos]!r})")
+        reader = subprocess.Popen([sys.executable, "-c", reader_code], stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen([sys.executable, "-c", writer_code], stdout=subprocess.PIPE, text=True)
+        try:
+            # the writer's outputs open once the reader has opened every FIFO: a reader that dies first would
+            # leave the writer blocked on its next FIFO, so both are watched
+            while not _readable(writer.stdout, 0.5) and reader.poll() is None and writer.poll() is None:
+                pass
+            line = writer.stdout.readline() if _readable(writer.stdout, 0) else ""
+            if not line:
+                raise RuntimeError(f"{n} live sources: the reader (exit {reader.poll()}) or the writer "
+                                   f"(exit {writer.poll()}) ended before the sources opened")
+            start = float(line)
+            if writer.wait(timeout=seconds + 120) != 0:
+                raise RuntimeError(f"{n} live sources: the writer failed (exit {writer.returncode})")
+            out = reader.communicate(timeout=120)[0]
+            if reader.returncode != 0 or not out.strip():
+                raise RuntimeError(f"{n} live sources: the reader failed (exit {reader.returncode})")
+        finally:
+            for proc in (reader, writer):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            for f in fifos:
+                f.unlink(missing_ok=True)
+        rows = json.loads(out.splitlines()[-1])
+        ok = [(t, end, latency) for t, end, good, latency in rows if good]
+        result = {"sources": n, "rows": len(ok), "errors": len(rows) - len(ok),
+                  "expected_rows": n * int((seconds - window) // hop + 1)}
+        if ok:
+            lag = np.array([t - (start + end) for t, end, _ in ok])
+            late = lag[len(lag) // 2:]  # the second half of the run: a reader falling behind shows here
+            result.update(lag_p50_s=float(np.percentile(lag, 50)), lag_p95_s=float(np.percentile(lag, 95)),
+                          lag_p95_second_half_s=float(np.percentile(late, 95)), lag_max_s=float(lag.max()),
+                          latency_p95_ms=float(np.percentile([x[2] for x in ok], 95)))
+        results.append(result)
+    return results
+
+
+def _readable(stream, seconds: float) -> bool:
+    import select
+
+    return bool(select.select([stream], [], [], seconds)[0])
+
+
+def _cut(path: Path, out: Path, seconds: float) -> None:
+    """The first ``seconds`` of ``path``'s video and audio packets, copied into ``out``."""
+    import av
+
+    with av.open(str(path)) as inp, av.open(str(out), "w") as dst:
+        streams = {s.index: dst.add_stream_from_template(s) for s in (inp.streams.video[0], inp.streams.audio[0])}
+        for packet in inp.demux(*inp.streams.video, *inp.streams.audio):
+            if packet.dts is not None and float(packet.dts * packet.time_base) < seconds:
+                packet.stream = streams[packet.stream_index]
+                dst.mux(packet)
 
 
 def accuracy(rows, segments) -> tuple[int, int]:
@@ -203,6 +316,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="concatenate the clips this many times")
     parser.add_argument("--window", type=float, default=4.0, help="window seconds (default: one AVSynth clip)")
     parser.add_argument("--live-seconds", type=float, default=40.0, help="seconds played into the FIFO")
+    parser.add_argument("--sources", default="8,16,32,48",
+                        help="numbers of simultaneous live sources tried on one core (comma-separated; '' skips)")
+    parser.add_argument("--sources-seconds", type=float, default=30.0, help="seconds each of those sources plays")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/avgn_bench_stream"),
                         help="folder for the dataset, the concatenated file, the FIFO and bench_stream.json "
                              "(default: /tmp/avgn_bench_stream)")
@@ -262,6 +378,21 @@ def main() -> None:
     report["live"] = live
     print(f"live FIFO, {args.live_seconds:g} s at real-time pace, hop {w / 2:g} s: {live['rows']} rows "
           f"({live['errors']} errors), latency p50 {live['p50_ms']:.0f} ms, p95 {live['p95_ms']:.0f} ms")
+    counts = [int(x) for x in args.sources.split(",") if x.strip()]
+    if counts and len(os.sched_getaffinity(0)) < 2:
+        print("live sources on one core: skipped (needs a second core for the writer)")
+        counts = []
+    if counts:
+        print("| live sources on one core | rows (expected) | errors | lag p50 s | lag p95 s | lag p95, 2nd half, s | "
+              "lag max s | latency p95 ms |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    report["live_sources"] = []
+    for r in live_sources(checkpoint, long, args.workdir, w, w / 2, args.sources_seconds, counts):
+        report["live_sources"].append(r)
+        lags = " | ".join(f"{r[k]:.2f}" if k in r else "-" for k in ("lag_p50_s", "lag_p95_s", "lag_p95_second_half_s",
+                                                                     "lag_max_s"))
+        print(f"| {r['sources']} | {r['rows']} ({r['expected_rows']}) | {r['errors']} | {lags} | "
+              f"{r.get('latency_p95_ms', float('nan')):.0f} |")
     report["load_after"] = os.getloadavg()[0]
     (args.workdir / "bench_stream.json").write_text(json.dumps(report, indent=1))
 

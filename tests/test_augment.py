@@ -202,7 +202,8 @@ def test_augment_batch_is_a_pure_function_of_its_seed():
     present = torch.ones(3, dtype=torch.bool)
 
     def run(seed):
-        return augment_batch(frames, mel, present, Augmentation(), 4, torch.Generator().manual_seed(seed))
+        return augment_batch(frames, mel, present, Augmentation(temporal_density=2), 4,
+                             torch.Generator().manual_seed(seed))
 
     (f1, m1), (f2, m2), (f3, _) = run(5), run(5), run(6)
     assert f1.shape == (3, 4, 3, 16, 16) and f1.dtype == torch.uint8 and m1.shape == (3, 4, 6, 10)
@@ -231,13 +232,14 @@ def test_no_augment_refuses_augmentation_flags(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """An AVSynth folder (train, val, test) and a short augmented training run on it (the CLI's defaults)."""
+    """An AVSynth folder (train, val, test) and a short augmented training run on it (the CLI's defaults, with
+    temporal jitter turned on)."""
     root = tmp_path_factory.mktemp("augment")
     data = write_dataset(root / "data", 8, seed=3, config=SMALL, splits=(0.5, 0.25, 0.25))
     run = root / "run"
     code = cli_main(["train", "--data", str(data), "--config", "tiny", "--set", "num_frames=8", "--set", "k=2",
                      "--out", str(run), "--batch-size", "2", "--seed", "1", "--audio-warmup-epochs", "1",
-                     "--look-epochs", "1", "--epochs", "1"])
+                     "--look-epochs", "1", "--epochs", "1", "--temporal-density", "2"])
     assert code == 0
     return data, run
 

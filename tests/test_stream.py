@@ -189,6 +189,39 @@ def test_live_fifo_gives_a_row_per_hop_while_it_is_written(model, tmp_path):
     assert all(n >= r.end_s * FPS - 2 for n, r in zip(seen, rows)), seen  # a row once its window was written
 
 
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_udp_feed_gives_rows_as_it_plays_and_its_silence_ends_it(model):
+    url = f"udp://127.0.0.1:{_free_udp_port()}"
+    # the reader binds the port as soon as the iteration starts, well within the writer's start-up; what a UDP
+    # sender sends before anyone listens is lost, as on a network, so the rows start at its next keyframe
+    writer, written = _live_writer(f"{url}?pkt_size=1316", 8)
+    rows, seen = [], []
+    deadline = time.monotonic() + 60
+    try:
+        for row in avgn_fast.stream(url, model, window_s=2.0, hop_s=1.0, device="cpu", reconnects=0, timeout=2.0,
+                                    input_format="mpegts", options={**FAST_PROBE, "overrun_nonfatal": "1"}):
+            rows.append(row)
+            seen.append(written[-1])
+            assert time.monotonic() < deadline, "the stream did not end when its sender went quiet"
+        assert writer.wait(timeout=30) == 0
+    finally:
+        writer.kill()
+    ok = [r for r in rows if r.ok]
+    assert len(ok) >= 3 and [r.end_s - r.start_s for r in ok] == [2] * len(ok), [(r.start_s, r.error) for r in rows]
+    assert [r.start_s for r in ok] == [ok[0].start_s + i for i in range(len(ok))]  # one row per hop, in order
+    assert all(r.latency_ms is not None and r.latency_ms >= 0 for r in ok)
+    assert seen[0] < 8 * FPS  # the first row came while the feed was still playing
+    # a UDP feed has no end of file: the sender's silence is a stall, the last row, with no reconnect allowed
+    assert not rows[-1].ok and "stalled: no data for 2.0 s" in rows[-1].error and rows[-1].path == url
+
+
 def test_stream_reports_a_failed_source_and_ends(model, tmp_path):
     rows = list(avgn_fast.stream(str(tmp_path / "nothing.ts"), model, window_s=2.0, device="cpu", reconnects=1,
                                  retry_s=0.0))

@@ -12,11 +12,13 @@ validation split a share of the training videos is held out for it (said in the 
 trains exactly N joint epochs instead. RUN_DIR/history.json records the run: epochs, wall time,
 whether it plateaued, the validation curve, and every epoch's metrics.
 
-Training batches are augmented on the fly (temporal jitter, random resized crop, flip, colour jitter,
-SpecAugment masks, gain; ``--no-augment`` turns all off): the training split is decoded and cached at
-``--temporal-density`` x T frames and T of them sampled each epoch; validation, eval and predict see
-the clips as decoded at T frames. ``--mixup ALPHA`` / ``--cutmix ALPHA`` (off by default, and not covered by
-``--no-augment``) also mix the training batches in pairs, the labels becoming soft targets.
+Training batches are augmented on the fly (a mild random resized crop, flip, colour jitter, SpecAugment
+masks, gain; ``--no-augment`` turns all off; ``--no-flip`` for labels a mirror changes). Temporal jitter is
+off unless asked: with ``--temporal-density D`` the training split is decoded and cached at D x T frames
+and T of them sampled each epoch. Validation, eval and predict see the clips as decoded at T frames.
+docs/augmentation.md has what each setting did on AVSynth. ``--mixup ALPHA`` / ``--cutmix ALPHA`` (off by
+default, and not covered by ``--no-augment``) also mix the training batches in pairs, the labels becoming soft
+targets.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ class AugmentDefaults:
     """``TrainSettings``' augmentation defaults (``avgn_fast.data.augment.Augmentation``), spelled here for the
     same reason as ``Defaults``; ``OFF`` turns each one off (``--no-augment``)."""
 
-    temporal_density: int = 2
-    crop_min_scale: float = 0.5
-    crop_max_ratio: float = 4 / 3
+    temporal_density: int = 1
+    crop_min_scale: float = 0.8
+    crop_max_ratio: float = 1.1
     flip: bool = True
     brightness: float = 0.4
     contrast: float = 0.4

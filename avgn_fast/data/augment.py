@@ -37,9 +37,9 @@ class Augmentation:
     in ``[-gain_db, gain_db]`` dB (0: off). Audio augmentation skips videos without audio.
     """
 
-    temporal_density: int = 2
-    crop_min_scale: float = 0.5
-    crop_max_ratio: float = 4 / 3
+    temporal_density: int = 1
+    crop_min_scale: float = 0.8
+    crop_max_ratio: float = 1.1
     flip: bool = True
     brightness: float = 0.4
     contrast: float = 0.4

@@ -59,9 +59,9 @@ class TrainSettings:
     lr_warmup_epochs: float = 0.5
     grad_clip: float = 5.0
     seed: int = 0
-    temporal_density: int = 2
-    crop_min_scale: float = 0.5
-    crop_max_ratio: float = 4 / 3
+    temporal_density: int = 1
+    crop_min_scale: float = 0.8
+    crop_max_ratio: float = 1.1
     flip: bool = True
     brightness: float = 0.4
     contrast: float = 0.4
