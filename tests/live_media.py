@@ -1,4 +1,4 @@
-"""A live source for tests: MPEG-TS written at real-time pace (``python tests/live_media.py OUT SECONDS``).
+"""A live source for tests: MPEG-TS written at real-time pace (``python tests/live_media.py OUT SECONDS [FORMAT]``).
 
 Each frame and its audio are muxed and flushed when their time comes, so a reader of ``OUT`` (a FIFO,
 a growing file) sees the stream arrive as a camera's would; the number of frames written so far is
@@ -19,9 +19,10 @@ import numpy as np
 FPS, SAMPLE_RATE, SIZE = 10, 16000, (48, 64)
 
 
-def write_live(path: str, seconds: float, *, real_time: bool = True, on_frame=None) -> None:
-    """Encode ``seconds`` of video and audio into ``path`` as MPEG-TS, each frame muxed at its wall-clock time
-    (``real_time``), or all at once; ``on_frame(n)`` after the n-th frame and its sound are written."""
+def write_live(path: str, seconds: float, *, real_time: bool = True, on_frame=None, fmt: str = "mpegts") -> None:
+    """Encode ``seconds`` of video and audio into ``path`` as MPEG-TS (or ``fmt``, e.g. ``"rtsp"``: published to
+    an RTSP listener), each frame muxed at its wall-clock time (``real_time``), or all at once; ``on_frame(n)``
+    after the n-th frame and its sound are written."""
     n = round(seconds * FPS)
     h, w = SIZE
     yy, xx = np.mgrid[0:h, 0:w]
@@ -29,7 +30,7 @@ def write_live(path: str, seconds: float, *, real_time: bool = True, on_frame=No
     t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     wave = (0.25 * np.sin(2 * np.pi * 440 * t) + 0.15 * np.sin(2 * np.pi * 1250 * t)).astype(np.float32)
     per_frame = SAMPLE_RATE // FPS
-    container = av.open(path, "w", format="mpegts", container_options={"flush_packets": "1"})
+    container = av.open(path, "w", format=fmt, container_options={"flush_packets": "1"} if fmt == "mpegts" else {})
     try:
         video = container.add_stream("mpeg4", rate=FPS)
         video.width, video.height, video.pix_fmt = SIZE[1], SIZE[0], "yuv420p"
@@ -57,4 +58,5 @@ def write_live(path: str, seconds: float, *, real_time: bool = True, on_frame=No
 
 
 if __name__ == "__main__":
-    write_live(sys.argv[1], float(sys.argv[2]), on_frame=lambda n: print(n, flush=True))
+    write_live(sys.argv[1], float(sys.argv[2]), on_frame=lambda n: print(n, flush=True),
+               fmt=sys.argv[3] if len(sys.argv) > 3 else "mpegts")
