@@ -138,21 +138,6 @@ print(json.dumps({{"wall_s": run["wall_s"], "windows": len(run["rows"])}}))
     return result
 
 
-def remux_live(src: str, dst: str) -> None:
-    """Copy ``src``'s packets into ``dst`` as MPEG-TS, each at its own time on the wall clock (a camera's pace)."""
-    import av
-
-    with av.open(src) as inp, av.open(dst, "w", format="mpegts", container_options={"flush_packets": "1"}) as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in (inp.streams.video[0], inp.streams.audio[0])}
-        start = time.monotonic()
-        for packet in inp.demux(*inp.streams.video, *inp.streams.audio):
-            if packet.dts is None:
-                continue
-            time.sleep(max(start + float(packet.dts * packet.time_base) - time.monotonic(), 0))
-            packet.stream = streams[packet.stream_index]
-            out.mux(packet)
-
-
 def live_latency(checkpoint, path: Path, workdir: Path, window: float, hop: float, seconds: float) -> dict:
     """p50 / p95 latency of ``avgn_fast.stream`` on ``seconds`` of ``path`` played into a FIFO at real-time pace."""
     import avgn_fast
@@ -164,7 +149,8 @@ def live_latency(checkpoint, path: Path, workdir: Path, window: float, hop: floa
         fifo.unlink()
     os.mkfifo(fifo)
     writer = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-                               f" from bench_stream import remux_live; remux_live({str(clip)!r}, {str(fifo)!r})"])
+                               f" from bench_stream import remux_live; remux_live({str(clip)!r}, [{str(fifo)!r}])"],
+                              stdout=subprocess.DEVNULL)
     rows = list(avgn_fast.stream(str(fifo), checkpoint, window_s=window, hop_s=hop, device="cpu", reconnects=0,
                                  options={"analyzeduration": "500000", "probesize": "32768"}))
     writer.wait()
@@ -173,9 +159,10 @@ def live_latency(checkpoint, path: Path, workdir: Path, window: float, hop: floa
             "p50_ms": float(np.percentile(latency, 50)), "p95_ms": float(np.percentile(latency, 95))}
 
 
-def remux_live_many(src: str, dsts: list[str]) -> None:
-    """``remux_live`` into every one of ``dsts`` at once (N cameras playing the same recording); prints the
-    monotonic clock at which the first packet went out, once every output is open."""
+def remux_live(src: str, dsts: list[str]) -> None:
+    """Copy ``src``'s packets into every one of ``dsts`` as MPEG-TS, each at its own time on the wall clock (a
+    camera's pace; several outputs: N cameras playing the same recording); prints the monotonic clock at which
+    the first packet went out, once every output is open."""
     import av
 
     with av.open(src) as inp:
@@ -229,8 +216,8 @@ for r in avgn_fast.stream({[str(f) for f in fifos]!r}, {str(checkpoint)!r}, wind
 print(json.dumps(rows))
 """
         writer_code = (f"import os, sys; os.sched_setaffinity(0, {{{cores[-1]}}}); "
-                       f"sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_stream import remux_live_many; "
-                       f"remux_live_many({str(clip)!r}, {[str(f) for f in fifos]!r})")
+                       f"sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_stream import remux_live; "
+                       f"remux_live({str(clip)!r}, {[str(f) for f in fifos]!r})")
         reader = subprocess.Popen([sys.executable, "-c", reader_code], stdout=subprocess.PIPE, text=True)
         writer = subprocess.Popen([sys.executable, "-c", writer_code], stdout=subprocess.PIPE, text=True)
         try:
