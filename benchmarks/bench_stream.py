@@ -223,9 +223,7 @@ print(json.dumps(rows))
         try:
             # the writer's outputs open once the reader has opened every FIFO: a reader that dies first would
             # leave the writer blocked on its next FIFO, so both are watched
-            while not _readable(writer.stdout, 0.5) and reader.poll() is None and writer.poll() is None:
-                pass
-            line = writer.stdout.readline() if _readable(writer.stdout, 0) else ""
+            line = _first_line(writer, reader)
             if not line:
                 raise RuntimeError(f"{n} live sources: the reader (exit {reader.poll()}) or the writer "
                                    f"(exit {writer.poll()}) ended before the sources opened")
@@ -256,10 +254,14 @@ print(json.dumps(rows))
     return results
 
 
-def _readable(stream, seconds: float) -> bool:
+def _first_line(writer: subprocess.Popen, reader: subprocess.Popen) -> str:
+    """The writer's first line, or "" once either process has ended without it."""
     import select
 
-    return bool(select.select([stream], [], [], seconds)[0])
+    while reader.poll() is None and writer.poll() is None:
+        if select.select([writer.stdout], [], [], 0.5)[0]:
+            return writer.stdout.readline()
+    return writer.stdout.readline() if select.select([writer.stdout], [], [], 0)[0] else ""
 
 
 def _cut(path: Path, out: Path, seconds: float) -> None:

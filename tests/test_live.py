@@ -1,6 +1,7 @@
 """Live sources as they play: a FIFO, UDP, RTSP, a file being written, HTTP servers that end or stall."""
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -51,16 +52,15 @@ def test_live_fifo_gives_a_row_per_hop_while_it_is_written(model, tmp_path):
     assert all(n >= r.end_s * FPS - 2 for n, r in zip(seen, rows)), seen  # a row once its window was written
 
 
-def _free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+def _free_port(kind: int) -> int:
+    """A local port free for ``kind`` (socket.SOCK_DGRAM or SOCK_STREAM) when asked."""
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def test_a_udp_feed_gives_rows_as_it_plays_and_its_silence_ends_it(model):
-    url = f"udp://127.0.0.1:{_free_udp_port()}"
+    url = f"udp://127.0.0.1:{_free_port(socket.SOCK_DGRAM)}"
     # the reader binds the port as soon as the iteration starts, well within the writer's start-up; what a UDP
     # sender sends before anyone listens is lost, as on a network, so the rows start at its next keyframe
     writer, written = _live_writer(f"{url}?pkt_size=1316", 8)
@@ -91,11 +91,7 @@ def _listening(port: int) -> bool:
 
 
 def test_an_rtsp_feed_gives_rows_as_it_plays_and_its_end_is_a_row(model):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port(socket.SOCK_STREAM)
     url = f"rtsp://127.0.0.1:{port}/live"
     writers = []
 
