@@ -8,13 +8,17 @@ interrupted one resumes from its ``last.pt``). Layout::
     avgn_runs/<size>/avsynth/         videos/, labels.csv, README.md
     avgn_runs/<size>/runs/<method>/   best.pt, last.pt (with the per-epoch history and the run's summary)
     avgn_runs/<size>/runs/<method>-seed<i>/   the same method trained with seed i (``seeds`` > 1)
-    avgn_runs/<size>/pareto/          pareto.csv, pareto.json, pareto.md, pareto.png, curves.png (validation)
+    avgn_runs/<size>/pareto/          pareto.csv, pareto.json, pareto.md, pareto.png, curves.png (validation),
+                                      calibration.md, calibration.json (early exit chosen on val, checked on test)
 
-Every method trains the same way: until its validation top-1 plateaus (``DemoSize.patience``, at most
-``DemoSize.epochs`` joint epochs), or a fixed count where the size says so (``quick``). With several
-seeds, the table and the plot give each method's mean ± std. On a CPU the trainings run in two
-processes of one torch thread each. ``quick`` checks the plumbing in about 3 minutes on 2 cores: too
-little data and training for its accuracies to mean anything, and its table and plot say so.
+Every method trains with one recipe (``METHOD_SETTINGS`` changes a setting where a method measurably trains
+better with another: the dense baseline's learning rate), until its validation top-1 plateaus
+(``DemoSize.patience``, at most ``DemoSize.epochs`` joint epochs; a run still at chance has no plateau and trains
+on), or a fixed count where the size says so (``quick``). Each run's early-exit threshold is then chosen on val
+as ``avgn-fast calibrate`` chooses it and checked on test (``calibration.md``). With several seeds, the table
+and the plot give each method's mean ± std. On a CPU the trainings run in two processes of one torch thread
+each. ``quick`` checks the plumbing in about 3 minutes on 2 cores: too little data and training for its
+accuracies to mean anything, and its table and plot say so.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ import torch
 
 from avgn_fast import pareto
 from avgn_fast.config import AVGNConfig
+from avgn_fast.demo_report import (
+    CALIBRATION_MARGIN,
+    calibrate_runs,
+    calibration_table,
+    training_table,
+    write_calibration,
+    write_curves,
+)
 
 if TYPE_CHECKING:
     from avgn_fast.training.trainer import TrainSettings
@@ -41,9 +53,15 @@ METHODS = (
     ("dense", ("dense=true", "audio=false")),
     ("audio-only", ("visual=false",)),
 )
-# training processes take the dearest runs first (measured ms per video and joint epoch, one thread:
-# AVGN ~104 plus ~23 per audio warm-up epoch, dense ~104, visual-only ~80, uniform+centre ~41)
-DEAREST_FIRST = ("avgn", "dense", "visual-only", "uniform-centre", "audio-only")
+# where a method trains better with another setting of the shared recipe (measured on the full size, 2026-12-06):
+# at lr 2e-3 the dense baseline memorizes its training videos (train top-1 30 %) with validation still at chance
+# after 19 joint epochs; at 5e-4 validation leaves chance (27 % after 9, train 74 %)
+METHOD_SETTINGS = {"dense": {"lr": 5e-4}}
+# training processes take the dearest runs first. Measured per epoch on 1,100 videos, two processes side by side
+# (2026-12-06): dense ~53 s, AVGN ~35 s (its warm-up epochs cheaper), visual-only ~33 s, uniform+centre ~24 s,
+# audio-only ~13 s. AVGN reaches its plateau in about 16 epochs, while a run that stays at chance trains to the cap,
+# so the baselines that may never learn come first
+DEAREST_FIRST = ("dense", "visual-only", "uniform-centre", "avgn", "audio-only")
 
 
 @dataclass(frozen=True)
@@ -78,11 +96,12 @@ class DemoSize:
         return AVGNConfig.from_name("tiny").with_overrides(list(self.overrides))
 
 
-# Full is AVSynth's default split, every method trained to its plateau (at most 30 joint epochs). Measured on
-# 2 cores, one torch thread per process (2026-11-26): writing 0.13 s and decoding 0.04 s per video, one joint
-# epoch of the four visual methods in two processes ~2.4 min, the sweep 3.4 min.
+# Full is AVSynth's default split, every method trained to its plateau, at most 25 joint epochs: the runs that never
+# leave chance (visual-only, uniform+centre) train to the cap. Measured from scratch on 2 cores, one torch thread
+# per process (2026-12-06): 46.4 min (writing 200 s, decoding 27 s, training 2,355 s, the sweep 161 s, calibration
+# 38 s) with dense still at lr 2e-3, where it trained 28 epochs at chance, the longest run.
 SIZES = {
-    "full": DemoSize("full", train=1100, val=200, test=500, epochs=30, patience=4),
+    "full": DemoSize("full", train=1100, val=200, test=500, epochs=25, patience=4),
     "quick": DemoSize("quick", train=100, val=25, test=50, epochs=2, audio_warmup_epochs=1, look_epochs=1,
                       thresholds=pareto.QUICK_THRESHOLDS, sizes=False,
                       caveat="Plumbing check (--quick): too few videos and epochs for these accuracies to mean "
@@ -101,6 +120,7 @@ class DemoResult:
     trained: list[str] = field(default_factory=list)  # runs trained or resumed by this run
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
     runs: list[dict] = field(default_factory=list)  # per training run: method, seed, folder, ``run_summary``
+    calibration: list[dict] = field(default_factory=list)  # per training run: ``calibrate_runs``' row
 
 
 @dataclass(frozen=True)
@@ -151,7 +171,8 @@ def _progress(run_dir: Path, config: AVGNConfig, settings: TrainSettings) -> tup
         return 0, False
     history = state.train_state["history"]
     curve = [record["val_top1"] for record in history if "val_top1" in record]
-    stopped = settings.patience is not None and plateaued(curve, settings.patience)
+    floor = state.train_state.get("summary", {}).get("chance_floor", 0.0)
+    stopped = settings.patience is not None and plateaued(curve, settings.patience, floor)
     return len(history), stopped or len(history) >= _total_epochs(config, settings)
 
 
@@ -289,15 +310,16 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
 
         clock = time.perf_counter()
         checkpoints, run_seeds, runs, jobs = [], [], [], []
-        # no augmentation: AVSynth's glyphs are oriented lines that a mirror turns into another class, and at
-        # this size nothing overfits: on 611 AVSynth videos the default augmentation cost 0.7 points of test
-        # top-1 and 1.3x the training time (docs/augmentation.md)
+        # no augmentation: AVSynth's glyphs are oriented lines that a mirror turns into another class; AVGN does not
+        # overfit here (on 611 AVSynth videos the default augmentation cost it 0.7 points of test top-1 and 1.3x
+        # the training time, docs/augmentation.md), and the baselines that memorize their training videos (dense,
+        # uniform+centre) did not generalize better with it (dense: validation 10-14 % after 7 joint epochs)
         recipe = TrainSettings(epochs=size.epochs, audio_warmup_epochs=size.audio_warmup_epochs,
                                look_epochs=size.look_epochs, batch_size=size.batch_size, seed=size.seed,
                                patience=size.patience).without_augmentation()
         for index in range(seeds):
-            settings = dataclasses.replace(recipe, seed=size.seed + index)
             for method, overrides in METHODS:
+                settings = dataclasses.replace(recipe, seed=size.seed + index, **METHOD_SETTINGS.get(method, {}))
                 slug = method if index == 0 else f"{method}-seed{index}"
                 config = base.with_overrides(list(overrides)).replace(num_classes=len(classes))
                 run_dir = here / "runs" / slug
@@ -310,8 +332,9 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
                     continue
                 total = _total_epochs(config, settings)
                 stop = f"until validation plateaus, at most {total}" if settings.patience else str(total)
-                log(f"demo: training {slug} ({pareto.method_name(config)}, seed {settings.seed}), {stop} epochs on "
-                    f"{len(sources['train'])} videos" + (f", resuming after epoch {done}" if done else ""))
+                own = "".join(f", {k}={v:g}" for k, v in METHOD_SETTINGS.get(method, {}).items())
+                log(f"demo: training {slug} ({pareto.method_name(config)}, seed {settings.seed}{own}), {stop} epochs "
+                    f"on {len(sources['train'])} videos" + (f", resuming after epoch {done}" if done else ""))
                 jobs.append(_TrainJob(slug, method, config, run_dir, data, root / "cache", settings, tuple(classes),
                                       done, str(dev)))
         if min(workers, len(jobs)) > 1:
@@ -332,15 +355,21 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
         paths = pareto.write_all(result, here / "pareto")
         paths["curves"] = write_curves(records, here / "pareto" / "curves.png", caveat=size.caveat)
         seconds["sweep"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        test = _load_split(data, base, "test", root / "cache")[0]  # decoded by the sweep: from the cache
+        calibration = calibrate_runs(runs, sources["val"], test, device=dev, progress=progress)
+        paths.update(write_calibration(calibration, here / "pareto", caveat=size.caveat))
+        seconds["calibrate"] = time.perf_counter() - clock
     finally:
         torch.set_num_threads(previous_threads)
-    return DemoResult(result, paths, written, decoded, trained, seconds, records)
+    return DemoResult(result, paths, written, decoded, trained, seconds, records, calibration)
 
 
 def summary(demo: DemoResult) -> str:
     """The table, the notes, the phase times and the paths written, as the demo command prints them."""
     result = demo.result
-    lines = [pareto.markdown_table(result), "", training_table(demo.runs), ""]
+    lines = [pareto.markdown_table(result), "", training_table(demo.runs), "", calibration_table(demo.calibration), ""]
     lines += [f"note: {note}" for note in result.notes]
     phases = ", ".join(f"{name} {s:.0f} s" for name, s in demo.seconds.items())
     lines.append(f"{result.device}, {result.backend} {result.precision}, {result.date}: {phases} "
@@ -353,43 +382,6 @@ def summary(demo: DemoResult) -> str:
     return "\n".join(lines)
 
 
-def training_table(runs: list[dict]) -> str:
-    """One row per training run: method, seed, epochs (joint ones), how it stopped, best validation top-1 and
-    its epoch, wall time."""
-    lines = ["| run | seed | epochs (joint) | stopped | best val top-1 % (epoch) | wall s |",
-             "|---|---:|---:|---|---:|---:|"]
-    for r in runs:
-        curve = r.get("val_top1") or []
-        best = f"{100 * max(curve):.2f} ({r['best_epoch']})" if curve else "-"
-        lines.append(f"| {Path(r['run']).name} | {r['seed']} | {r.get('epochs', '-')} ({r.get('joint_epochs', '-')}) | "
-                     f"{r.get('stopped', '-')} | {best} | {r.get('wall_s', 0):.0f} |")
-    return "\n".join(lines)
-
-
-def write_curves(runs: list[dict], path, *, caveat: str = "") -> Path:
-    """Validation top-1 after each joint epoch of every training run (``run_summary``'s curve), one line per run,
-    its best epoch marked: whether each method reached its plateau can be seen."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    for r in runs:
-        curve = [100 * v for v in r.get("val_top1") or []]
-        if not curve:
-            continue
-        color = f"C{methods.index(r['method']) % 10}"
-        label = f"{r['method']} (seed {r['seed']}, {r.get('stopped', '?')})"
-        ax.plot(range(1, len(curve) + 1), curve, "-o", color=color, markersize=3, label=label)
-        best = max(range(len(curve)), key=lambda i: (curve[i], -i))
-        ax.plot([best + 1], [curve[best]], "*", color=color, markersize=12)
-    ax.set_xlabel("joint epoch")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title((f"{caveat}\n" if caveat else "") + "Validation curves (★ best epoch, kept as best.pt)", fontsize=10)
-    fig.savefig(path, dpi=120)
-    return Path(path)
+__all__ = ["CALIBRATION_MARGIN", "DEAREST_FIRST", "METHODS", "METHOD_SETTINGS", "SIZES", "DemoResult", "DemoSize",
+           "calibrate_runs", "calibration_table", "run_demo", "summary", "training_table", "write_calibration",
+           "write_curves"]

@@ -1,6 +1,9 @@
 """The demo's orchestration at a test-only size: end to end, a re-run that reuses everything, a resumed run."""
 
 import dataclasses
+import inspect
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +11,9 @@ import torch
 from avgn_fast import demo, pareto
 from avgn_fast.checkpoint import load_checkpoint
 from avgn_fast.cli import build_parser
+from avgn_fast.commands import calibrate as calibrate_command
 from avgn_fast.training import TrainSettings
+from avgn_fast.training.trainer import evaluate
 
 # 12 videos (7 train / 1 val / 4 test) of AVSynth's smallest layout, one epoch: the orchestration, not accuracy
 TINY = demo.DemoSize("test", train=7, val=1, test=4, epochs=1, audio_warmup_epochs=1, look_epochs=1, batch_size=4,
@@ -38,7 +43,7 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     slugs = [slug for slug, _ in demo.METHODS]
     assert first.written == 12 and first.trained == slugs
     assert first.decoded == 12  # every video once: train and val for training, test for the sweep
-    assert sorted(first.paths) == ["csv", "curves", "json", "md", "png"]
+    assert sorted(first.paths) == ["calibration", "calibration_json", "csv", "curves", "json", "md", "png"]
     assert all(path.is_file() and path.parent == here / "pareto" for path in first.paths.values())
     result = first.result
     assert result.methods == ["AVGN", "visual-only glance", "uniform+centre", "dense", "audio-only"]
@@ -46,7 +51,9 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     for slug, overrides in demo.METHODS:
         ckpt = load_checkpoint(here / "runs" / slug / "best.pt")
         assert ckpt.model.config == TINY.config().with_overrides(list(overrides)).replace(num_classes=8)
-        history = load_checkpoint(here / "runs" / slug / "last.pt").train_state["history"]
+        train_state = load_checkpoint(here / "runs" / slug / "last.pt").train_state
+        history = train_state["history"]
+        assert train_state["settings"]["lr"] == demo.METHOD_SETTINGS.get(slug, {}).get("lr", TrainSettings.lr)
         assert len(history) == demo._total_epochs(ckpt.model.config, _settings(1))
         # every epoch's line came back from the worker processes
         assert sum(line.startswith(f"  {slug}: epoch=") for line in lines) == len(history)
@@ -61,6 +68,19 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
          "epochs") for slug in slugs]
     assert all(str(path) in text for path in first.paths.values())
     assert str(here / "runs" / "dense" / "best.pt") in text and str(here / "avsynth") in text
+
+    # each run's early exit, chosen on val, checked on test: what eval measures there with that threshold
+    assert [(r["method"], r["seed"]) for r in first.calibration] == [(m, 0) for m in result.methods]
+    assert demo.calibration_table(first.calibration) in text
+    assert json.loads(first.paths["calibration_json"].read_text())["runs"] == first.calibration
+    test = demo._load_split(here / "avsynth", TINY.config(), "test", tmp_path / "cache")[0]
+    for row in first.calibration:
+        model = load_checkpoint(Path(row["run"]) / "best.pt").model
+        at_tau, every = (evaluate(model, test, exit_threshold=tau) for tau in (row["threshold"], None))
+        assert (at_tau.top1, every.top1, at_tau.gflops) == pytest.approx(
+            (row["test_top1"], row["test_full_top1"], row["test_gflops"]))
+        assert row["gained"] - row["lost"] == round((row["test_top1"] - row["test_full_top1"]) * row["test_videos"])
+        assert row["test_videos"] == 4 and 1 <= row["test_steps"] <= row["steps_max"] == model.config.steps
 
     videos = sorted((here / "avsynth" / "videos").iterdir())
     kept = _mtimes([*videos, *(here / "runs").glob("*/*.pt"), *(tmp_path / "cache").rglob("*.pt")])
@@ -82,6 +102,7 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     assert sum(line.startswith("demo: training") and "resuming" in line for line in lines) == len(slugs)
     assert {p.seed for p in resumed.result.points} == {0, 1} and resumed.result.methods == result.methods
     assert pareto.seeded(resumed.result) and " ± " in demo.summary(resumed)
+    assert [(r["method"], r["seed"]) for r in resumed.calibration] == [(m, s) for s in (0, 1) for m in result.methods]
     for slug in second_seed:
         assert load_checkpoint(here / "runs" / slug / "last.pt").train_state["settings"]["seed"] == 1
     for slug in slugs:
@@ -90,7 +111,21 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
         assert [h["epoch"] for h in ckpt.train_state["history"]] == list(range(1, total + 1))
 
 
+def test_calibration_table_aggregates_seeds_by_hand():
+    rows = [{"method": "AVGN", "seed": seed, "threshold": tau, "steps_max": 4, "test_top1": top1, "test_full_top1": 0.9,
+             "test_steps": steps, "test_gflops": 0.05, "lost": lost, "gained": 0}
+            for seed, tau, top1, steps, lost in ((0, 0.9, 0.8, 2.0, 1), (1, None, 0.9, 4.0, 4))]
+    rows.append({**rows[0], "method": "dense", "threshold": 0.5})
+    table = demo.calibration_table(rows).splitlines()
+    assert table[4] == "| AVGN | 0 | 0.9 | 80.00 | 90.00 | 2.00 / 4 | 0.05 | 1 | 0 |"
+    assert table[5].startswith("| AVGN | 1 | none | 90.00 |")
+    # seeds 0 and 1: top-1 80 and 90 (std sqrt(50)), steps 2 and 4 (std sqrt(2)), lost 1 and 4 (std sqrt(4.5))
+    assert table[7] == "| AVGN | mean ± std of 2 | | 85.00 ± 7.07 | | 3.00 ± 1.41 | | 2.5 ± 2.1 | |"
+    assert len(table) == 8  # dense has one seed: no mean row
+
+
 def test_demo_command_line():
+    assert demo.CALIBRATION_MARGIN == inspect.signature(calibrate_command.main).parameters["margin"].default
     args = vars(build_parser().parse_args(["demo", "--quick", "--out", "somewhere", "--threads", "2"]))
     assert (args["quick"], str(args["out"]), args["threads"], args["device"]) == (True, "somewhere", 2, "auto")
     assert set(demo.SIZES) == {"full", "quick"}

@@ -213,3 +213,68 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
     _, rows = _read_labels(tmp_path)
     assert [r["path"] for r in rows] == ["videos/00000.webm", "videos/00001.webm"]
     assert all((tmp_path / r["path"]).is_file() for r in rows)
+
+
+def _patch_box(a: torch.Tensor) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of the P x P patch at centre a (the model's convention: corner = a · (S − P))."""
+    y, x = (round(float(v) * (TINY.frame_size - TINY.patch_size)) for v in a)
+    return y, x, y + TINY.patch_size, x + TINY.patch_size
+
+
+def test_oracle_policies_look_where_they_say():
+    from avgn_fast.data.synth.oracle import event_reached, oracle_views
+    from avgn_fast.models.avtest import uniform_frames
+
+    rng = np.random.default_rng(0)
+    reached = []
+    for index in range(12):
+        scene = synth.sample_scene(index, seed=1, config=TINY)
+        # told the event: its frames, and the patch holds everything that tells the class glyph from a neutral one
+        kept, a = oracle_views(scene, TINY, "event", rng)
+        assert kept.shape == (TINY.k,) and a.shape == (TINY.k, 2) and event_reached(scene, kept)
+        for t, centre in zip(kept.tolist(), a, strict=True):
+            assert scene.event.start <= t < scene.event.stop
+            y0, x0, y1, x1 = _patch_box(centre)
+            segment = dataclasses.replace(scene, event=dataclasses.replace(scene.event, start=t, boxes=(
+                scene.event.boxes[t - scene.event.start],)))
+            frames = [_event_frame(segment, event=dataclasses.replace(segment.event, tiles=tiles))[0]
+                      for tiles in (scene.event.tiles, scene.distractors[0].tiles)]
+            diff = (frames[0] - frames[1]).abs()
+            assert (diff.amax(0) > 100).sum() >= 20 and diff[:, y0:y1, x0:x1].sum() == diff.sum()
+        # a perfect visual-only glance: one frame of each of K different card runs, in time order, each patch
+        # holding its card
+        kept, a = oracle_views(scene, TINY, "cards", rng)
+        cards = scene.card_boxes(F_TILE).tolist()
+        runs = sorted((scene.event, *scene.distractors), key=lambda run: run.start)
+        assert kept.tolist() == sorted(kept.tolist())
+        assert len({next(i for i, r in enumerate(runs) if r.start <= t < r.stop) for t in kept.tolist()}) == TINY.k
+        for t, centre in zip(kept.tolist(), a, strict=True):
+            (_, cy0, cx0, cy1, cx1), = [row for row in cards if row[0] == t]
+            y0, x0, y1, x1 = _patch_box(centre)
+            assert y0 <= cy0 and cy1 <= y1 and x0 <= cx0 and cx1 <= x1
+        reached.append(event_reached(scene, kept))
+        kept, a = oracle_views(scene, TINY, "uniform-centre", rng)
+        assert torch.equal(kept, uniform_frames(TINY.num_frames, TINY.k, 1)[0]) and bool((a == 0.5).all())
+    assert 0 < sum(reached) < len(reached)  # K of 5-7 card runs: the event is kept in some videos, not all
+    # the oracle's forward is the model's own where the oracle looks where the model does: uniform frames, centre
+    from avgn_fast.data.synth.oracle import oracle_forward
+    from avgn_fast.models.avgn import AVGN
+
+    torch.manual_seed(0)
+    model = AVGN(TINY.with_overrides(["temporal=uniform", "spatial=center", "audio=false"])).eval()
+    clips = synth.generate_tensors(3, config=TINY, seed=2)
+    kept, a = (torch.stack(x) for x in zip(*[oracle_views(synth.sample_scene(i, seed=2, config=TINY), TINY,
+                                                            "uniform-centre", rng) for i in range(3)], strict=True))
+    with torch.no_grad():
+        own = model(clips.frames, torch.randn_like(clips.mel), torch.zeros(3, dtype=torch.bool))
+        told = oracle_forward(model, clips.frames, kept, a)
+    assert torch.equal(told.kept, own.kept) and torch.allclose(told.logits, own.logits, **tol(torch.float32))
+    # ... and it looks where it is told: the event's frames
+    event = [oracle_views(synth.sample_scene(i, seed=2, config=TINY), TINY, "event", rng) for i in range(3)]
+    kept, a = (torch.stack(x) for x in zip(*event, strict=True))
+    with torch.no_grad():
+        told = oracle_forward(model, clips.frames, kept, a)
+    assert torch.equal(told.kept, kept) and torch.equal(told.locations, a) and not torch.allclose(told.logits,
+                                                                                                  own.logits)
+    with pytest.raises(ValueError, match="unknown oracle policy"):
+        oracle_views(scene, TINY, "psychic", rng)

@@ -22,6 +22,7 @@ from avgn_fast.training import (
     mean_average_precision,
     saliency_ranking_loss,
     train_model,
+    trainer,
 )
 from avgn_fast.training.losses import (
     audio_warmup_losses,
@@ -29,7 +30,7 @@ from avgn_fast.training.losses import (
     instance_cross_entropy,
     look_losses,
 )
-from avgn_fast.training.runs import carve_validation, plateaued
+from avgn_fast.training.runs import carve_validation, chance_floor, plateaued
 from avgn_fast.training.trainer import _schedule
 
 # AVSynth's smallest layout (8 frames) keeps the training tests fast
@@ -349,6 +350,12 @@ def test_plateau_rule_on_hand_made_curves():
     curve = [0.2, 0.4, 0.4, 0.6, 0.5, 0.55, 0.6, 0.7]
     assert _stop_epoch(curve, 3, cap=8) == 7
     assert _stop_epoch(curve, 4, cap=8) == 8  # never plateaus within the cap
+    # a curve that has not risen above the floor (chance) has not started: no plateau, however flat
+    assert not plateaued([0.15, 0.12, 0.14, 0.13, 0.15], 1, floor=0.19) and plateaued([0.2, 0.2], 1, floor=0.19)
+    assert not plateaued([0.1, 0.19, 0.1, 0.1], 2, floor=0.19) and plateaued([0.1, 0.25, 0.1, 0.1], 2, floor=0.19)
+    # 8 classes: chance 1/8, standard error sqrt(1/8 · 7/8 / n)
+    assert chance_floor(8, 200) == pytest.approx(0.125 + 3 * 0.0233854, abs=1e-6)
+    assert chance_floor(2, 100) == pytest.approx(0.65) and chance_floor(8, 0) == pytest.approx(0.125 + 3 * 0.3307189)
 
 
 def test_carve_validation_is_a_deterministic_partition():
@@ -362,8 +369,10 @@ def test_carve_validation_is_a_deterministic_partition():
         carve_validation(1, 0.1, seed=0)
 
 
-def test_fit_stops_at_the_plateau_and_resumes_to_the_same_stop(synth, tmp_path):
-    # a learning rate too small to move the weights: the validation curve flattens at once
+def test_fit_stops_at_the_plateau_and_resumes_to_the_same_stop(synth, tmp_path, monkeypatch):
+    # a learning rate too small to move the weights: the validation curve flattens at once; it stays at chance, so
+    # the chance floor is taken away here (test_a_run_at_chance_trains_to_the_cap has it)
+    monkeypatch.setattr(trainer, "chance_floor", lambda num_classes, videos: 0.0)
     settings = TrainSettings(epochs=6, audio_warmup_epochs=0, look_epochs=0, batch_size=4, seed=1, patience=1,
                              lr=1e-9)
     names = list(synth.class_names)
@@ -395,6 +404,21 @@ def test_fit_stops_at_the_plateau_and_resumes_to_the_same_stop(synth, tmp_path):
     again = fit(AVGN(SMALL), TensorSource.of(synth), TensorSource.of(synth), class_names=names, out_dir=tmp_path,
                 settings=TrainSettings(**{**vars(settings), "epochs": 9}), resume=True)
     assert again.history == first.history
+
+
+def test_a_run_at_chance_trains_to_the_cap(synth):
+    # the frozen model of the test above guesses: its flat curve is no plateau, it trains to the cap and says why
+    settings = TrainSettings(epochs=4, audio_warmup_epochs=0, look_epochs=0, batch_size=4, seed=1, patience=1,
+                             lr=1e-9)
+    lines = []
+    torch.manual_seed(settings.seed)
+    source = TensorSource.of(synth)
+    result = fit(AVGN(SMALL), source, source, settings=settings, class_names=list(synth.class_names),
+                 log=lines.append)
+    floor = chance_floor(SMALL.num_classes, len(source))
+    assert max(result.summary["val_top1"]) <= floor  # a frozen random model
+    assert len(result.history) == 4 and result.summary["stopped"] == "cap" and not result.summary["left_chance"]
+    assert result.summary["chance_floor"] == floor and "never rose above chance" in lines[-1]
 
 
 def test_fit_without_validation_holds_out_training_videos(synth):

@@ -42,13 +42,15 @@ def main(checkpoint, data, split: str = "val", max_drop: float = 0.0, margin: fl
          check_split: str | None = None, out=None, batch_size: int = 32,
          cache_dir=None, device: str = "auto", backend: str = "eager", precision: str = "auto",
          allow_outside: bool = False, progress: bool = True) -> int:
+    from dataclasses import asdict
+
     import torch
 
     from avgn_fast.checkpoint import load_checkpoint, save_checkpoint
     from avgn_fast.data.folder import decoded_split, default_cache_dir
     from avgn_fast.engine.batch import resolve_device
     from avgn_fast.engine.early_exit import GlanceEngine
-    from avgn_fast.pareto import choose_threshold, exit_changes, exit_outcome
+    from avgn_fast.pareto import choose_threshold, exit_check, exit_outcome
     from avgn_fast.training.trainer import FolderSource, engine_results
 
     if not 0 <= max_drop <= 100:
@@ -92,15 +94,11 @@ def main(checkpoint, data, split: str = "val", max_drop: float = 0.0, margin: fl
                    "margin": margin, "top1": choice.top1, "steps": choice.steps, "gflops": choice.gflops,
                    "full_top1": choice.full_top1, "full_gflops": choice.full_gflops}
     if check_split is not None:
-        check_probs, check_labels = every_step(check_split)
-        top1, taken = exit_outcome(check_probs, check_labels, choice.threshold)
-        full_top1, _ = exit_outcome(check_probs, check_labels, None)
-        lost, gained = exit_changes(check_probs, check_labels, choice.threshold)
-        calibration["check"] = {"split": check_split, "videos": len(check_labels), "top1": top1, "steps": taken,
-                                "full_top1": full_top1, "lost": lost, "gained": gained}
-        print(f"on [{check_split}], {len(check_labels)} videos: top-1 {100 * top1:.2f} % at τ against "
-              f"{100 * full_top1:.2f} % after every step ({taken:.2f} steps); the exits lose {lost} videos "
-              f"and win {gained}")
+        check = exit_check(*every_step(check_split), choice.threshold)
+        calibration["check"] = {"split": check_split, **asdict(check)}
+        print(f"on [{check_split}], {check.videos} videos: top-1 {100 * check.top1:.2f} % at τ against "
+              f"{100 * check.full_top1:.2f} % after every step ({check.steps:.2f} steps); the exits lose "
+              f"{check.lost} videos and win {check.gained}")
     save_checkpoint(out, ckpt.model.cpu(), class_names=ckpt.class_names,
                     metrics={**ckpt.metrics, "calibration": calibration})
     print(f"written {out} (exit_threshold={choice.threshold:.6g})")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 # (videos, joint epochs) of avgn_fast.demo.SIZES, spelled here so that --help does not import torch
 # (tests/test_api.py checks that they agree); full's epochs are a cap, each method stops at its plateau
-SIZES = {"full": (1800, 30), "quick": (175, 2)}
+SIZES = {"full": (1800, 25), "quick": (175, 2)}
 
 
 def add_arguments(parser) -> None:

@@ -7,7 +7,8 @@ fine-tunes a trained AVGN on the folder: its architecture and weights, with the 
 carried over for the classes both share (``init_from_checkpoint``).
 
 By default training stops at the plateau: after each joint epoch the validation top-1 is measured, and
-the run ends once ``--patience`` joint epochs bring no gain (at most ``--max-epochs``). Without a
+the run ends once ``--patience`` joint epochs bring no gain (at most ``--max-epochs``); while the validation
+top-1 is still at chance (within three standard errors of 1/classes) the run has not started and goes on. Without a
 validation split a share of the training videos is held out for it (said in the log). ``--epochs N``
 trains exactly N joint epochs instead. RUN_DIR/history.json records the run: epochs, wall time,
 whether it plateaued, the validation curve, and every epoch's metrics.

@@ -14,10 +14,12 @@ Modules, each importing only those before it: ``plan`` (knob settings, method na
 """
 
 from avgn_fast.pareto.calibration import (
+    ExitCheck,
     ExitChoice,
     calibrate_thresholds,
     choose_threshold,
     exit_changes,
+    exit_check,
     exit_outcome,
     exit_steps_taken,
 )
@@ -59,10 +61,10 @@ from avgn_fast.pareto.sweep import (
 )
 
 __all__ = [
-    "FILES", "KS", "QUICK_THRESHOLDS", "THRESHOLDS", "ExitChoice", "Knobs", "ParetoPoint", "ParetoResult",
-    "SeedRow", "calibrate_thresholds", "choose_threshold", "default_glance_sizes", "default_patch_sizes",
-    "device_description", "exit_changes", "exit_engine", "exit_outcome", "exit_steps_taken", "markdown_table",
-    "mean_std", "method_name", "model_variant", "pareto_frontier", "plan", "read_csv", "read_json", "seed_rows",
-    "seeded", "source_batches", "step_probs", "sweep", "write_all", "write_csv", "write_json", "write_markdown",
-    "write_plot",
+    "FILES", "KS", "QUICK_THRESHOLDS", "THRESHOLDS", "ExitCheck", "ExitChoice", "Knobs", "ParetoPoint",
+    "ParetoResult", "SeedRow", "calibrate_thresholds", "choose_threshold", "default_glance_sizes",
+    "default_patch_sizes", "device_description", "exit_changes", "exit_check", "exit_engine", "exit_outcome",
+    "exit_steps_taken", "markdown_table", "mean_std", "method_name", "model_variant", "pareto_frontier", "plan",
+    "read_csv", "read_json", "seed_rows", "seeded", "source_batches", "step_probs", "sweep", "write_all", "write_csv",
+    "write_json", "write_markdown", "write_plot",
 ]

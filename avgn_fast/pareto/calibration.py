@@ -99,6 +99,27 @@ def band(taus: list[float], tau: float, margin: float) -> range:
     return range(first, end)
 
 
+@dataclass(frozen=True)
+class ExitCheck:
+    """What an early-exit threshold does on videos it was not chosen on: top-1 at τ and after every step (in
+    [0, 1]), mean steps at τ, and the videos an exit turns from right to wrong (``lost``) and back (``gained``)."""
+
+    videos: int
+    top1: float
+    steps: float
+    full_top1: float
+    lost: int
+    gained: int
+
+
+def exit_check(probs: torch.Tensor, labels: torch.Tensor, threshold: float | None) -> ExitCheck:
+    """``ExitCheck`` of ``threshold`` on (``probs`` (N, K, C), ``labels``)."""
+    top1, steps = exit_outcome(probs, labels, threshold)
+    full_top1, _ = exit_outcome(probs, labels, None)
+    lost, gained = exit_changes(probs, labels, threshold)
+    return ExitCheck(len(labels), top1, steps, full_top1, lost, gained)
+
+
 def exit_changes(probs: torch.Tensor, labels: torch.Tensor, threshold: float | None) -> tuple[int, int]:
     """(lost, gained): videos of (``probs`` (N, K, C), ``labels``) right after every step but wrong at their exit
     under ``threshold``, and the reverse."""

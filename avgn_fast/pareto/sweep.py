@@ -173,8 +173,8 @@ def _checkpoint_jobs(model, name: str, path: str, *, ks, thresholds: list[float]
     sizes_p = default_patch_sizes(cfg) if patch_sizes == "auto" else patch_sizes
     sizes_g = default_glance_sizes(cfg) if glance_sizes == "auto" else glance_sizes
     if (cfg.dense or not cfg.visual) and (sizes_p or sizes_g):
-        kind = "dense" if cfg.dense else "audio-only"
-        notes.append(f"{name}: a {kind} model has no patch or glance, so P and G are not swept")
+        kind = "a dense" if cfg.dense else "an audio-only"
+        notes.append(f"{name}: {kind} model has no patch or glance, so P and G are not swept")
         sizes_p = sizes_g = ()
     variants, engines, jobs = {(cfg.patch_size, cfg.glance_size): model}, {}, []
     for knobs in plan(cfg, ks=ks, thresholds=thresholds, patch_sizes=sizes_p, glance_sizes=sizes_g):

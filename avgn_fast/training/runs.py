@@ -3,6 +3,7 @@ that ends a run at its plateau, the run's summary, and resuming it from its ``la
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,29 +38,39 @@ def carve_validation(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, 
     return order[held:].sort().values, order[:held].sort().values
 
 
-def plateaued(curve: list[float], patience: int) -> bool:
+def chance_floor(num_classes: int, videos: int) -> float:
+    """The validation top-1 a model guessing among ``num_classes`` classes rarely exceeds on ``videos`` videos:
+    chance (1/C) plus three standard errors of a chance-level classifier's top-1 there."""
+    p = 1 / num_classes
+    return p + 3 * math.sqrt(p * (1 - p) / max(videos, 1))
+
+
+def plateaued(curve: list[float], patience: int, floor: float = 0.0) -> bool:
     """Whether a validation curve (top-1 after each validated epoch, in order) has stopped improving: its best
-    value, first reached (a tie is no improvement), lies ``patience`` or more epochs before its last one."""
-    if not curve:
+    value, first reached (a tie is no improvement), lies ``patience`` or more epochs before its last one, and is
+    above ``floor``: a curve still at chance (``chance_floor``) has not started, so it has no plateau yet."""
+    if not curve or max(curve) <= floor:
         return False
     best = max(range(len(curve)), key=lambda i: (curve[i], -i))
     return len(curve) - 1 - best >= patience
 
 
-def run_summary(history: list[dict], seconds: list[float], settings, validation: str) -> dict:
+def run_summary(history: list[dict], seconds: list[float], settings, validation: str, floor: float = 0.0) -> dict:
     """What a run did: ``epochs`` (all stages), ``joint_epochs``, ``wall_s``, ``plateaued`` (stopped by the
     patience rule), ``stopped`` ("plateau", "cap": reached ``settings.epochs`` joint epochs with patience, or
-    "epochs": a fixed count), ``best_epoch``, the validation curve ``val_top1`` (one value per joint epoch), and
+    "epochs": a fixed count), ``best_epoch``, the validation curve ``val_top1`` (one value per joint epoch),
+    ``chance_floor`` (``floor``: the patience rule's) and whether the curve rose above it (``left_chance``), and
     where the validation videos came from; ``settings`` is the run's ``TrainSettings``."""
     curve = [record["val_top1"] for record in history if "val_top1" in record]
     joint = sum(record["stage"] == "joint" for record in history)
-    stop = settings.patience is not None and plateaued(curve, settings.patience)
+    stop = settings.patience is not None and plateaued(curve, settings.patience, floor)
     validated = [record for record in history if "val_top1" in record]
     best = max(validated, key=lambda r: (r["val_top1"], -r["epoch"]))["epoch"] if validated else None
     return {"epochs": len(history), "joint_epochs": joint, "wall_s": round(sum(seconds), 3), "plateaued": stop,
             "stopped": "plateau" if stop else "cap" if settings.patience is not None else "epochs",
             "patience": settings.patience, "max_joint_epochs": settings.epochs, "best_epoch": best,
-            "val_top1": curve, "validation": validation}
+            "val_top1": curve, "chance_floor": floor, "left_chance": bool(curve) and max(curve) > floor,
+            "validation": validation}
 
 
 def resume_run(model: AVGN, optimizer, scheduler, out_dir: Path | None, settings, class_names):

@@ -18,7 +18,14 @@ from avgn_fast.engine.early_exit import GlanceEngine
 from avgn_fast.models.avgn import AVGN, GlanceResult
 from avgn_fast.training.batches import Mixing, TrainingSource
 from avgn_fast.training.losses import LossWeights, audio_warmup_losses, avgn_losses, look_losses
-from avgn_fast.training.runs import SubsetSource, carve_validation, plateaued, resume_run, run_summary
+from avgn_fast.training.runs import (
+    SubsetSource,
+    carve_validation,
+    chance_floor,
+    plateaued,
+    resume_run,
+    run_summary,
+)
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,9 @@ class TrainSettings:
 
     Stopping: with ``patience`` (the default), ``epochs`` is a cap: after each joint epoch the
     validation top-1 is measured and the run stops once ``patience`` joint epochs in a row have not
-    beaten the best one (``plateaued``); the cosine still spans the cap. Without a validation split,
+    beaten the best one (``plateaued``); the cosine still spans the cap. A run whose validation top-1
+    has not yet risen above chance (``chance_floor``) has not started learning: the rule waits for it
+    (on AVSynth the dense baseline can sit at chance for many joint epochs), up to the cap. Without a validation split,
     ``fit`` holds out ``val_fraction`` of the training videos (``carve_validation``). ``patience=None``
     trains exactly ``epochs`` joint epochs.
     """
@@ -284,9 +293,11 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
                            model.config.num_classes)
     val = None if val is None else TrainingSource(val, None, model.config.num_frames, device)
 
+    floor = 0.0 if val is None else chance_floor(model.config.num_classes, len(val))
+
     def stop() -> bool:  # the validation curve so far has plateaued
         curve = [record["val_top1"] for record in history if "val_top1" in record]
-        return settings.patience is not None and plateaued(curve, settings.patience)
+        return settings.patience is not None and plateaued(curve, settings.patience, floor)
 
     for epoch in range(start_epoch, total_epochs):
         if stop():
@@ -331,16 +342,18 @@ def fit(model: AVGN, train, val=None, *, settings: TrainSettings, class_names, o
             train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                            "rng": torch.get_rng_state(), "history": history, "best": best, "seconds": seconds,
                            "settings": settings.as_dict(),
-                           "summary": run_summary(history, seconds, settings, validation)}
+                           "summary": run_summary(history, seconds, settings, validation, floor)}
             save_checkpoint(out_dir / "last.pt", model, class_names=class_names, metrics=record,
                             train_state=train_state)
             if improved:
                 save_checkpoint(out_dir / "best.pt", model, class_names=class_names, metrics=record)
         say("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-    summary = run_summary(history, seconds, settings, validation)
+    summary = run_summary(history, seconds, settings, validation, floor)
     if summary["plateaued"]:
         say(f"validation top-1 plateaued: no gain in {settings.patience} joint epochs after epoch "
             f"{summary['best_epoch']}; stopped after epoch {len(history)}")
+    elif settings.patience is not None and summary["val_top1"] and not summary["left_chance"]:
+        say(f"validation top-1 never rose above chance ({100 * floor:.1f} % on {len(val)} videos): trained to the cap")
     if best_state is None and out_dir is not None and (out_dir / "best.pt").is_file():
         best_state = load_checkpoint(out_dir / "best.pt").model.state_dict()  # best epoch came before a resume
     if best_state is not None:
