@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from avgn_fast.config import FROM_CHECKPOINT, AVGNConfig, InferenceSettings
@@ -17,6 +16,7 @@ from avgn_fast.models.avtest import AVTeST, top_k_frames, uniform_frames
 from avgn_fast.models.backbones import mobilenet_v2, resnet18, resnet50
 from avgn_fast.models.classifier import StepClassifier, exit_steps
 from avgn_fast.models.outputs import Component, Cost, ForwardOutput, GlanceFeatures, GlanceResult
+from avgn_fast.models.resize import area_resize
 
 __all__ = ["AVGN", "STAGES", "Component", "Cost", "ForwardOutput", "GlanceFeatures", "GlanceResult", "RunStage",
            "gather_frames"]
@@ -248,9 +248,9 @@ class AVGN(nn.Module):
         """
         b, t = frames.shape[:2]
         tokens = None
-        x = frames.flatten(0, 1).float()
-        if self.config.glance_size != self.config.frame_size:
-            x = F.interpolate(x, size=(self.config.glance_size,) * 2, mode="area")
+        x = frames.flatten(0, 1)
+        g = self.config.glance_size
+        x = area_resize(x, g) if g != self.config.frame_size else x.float()
         x = (x - self.pixel_mean.view(1, 3, 1, 1)) / self.pixel_std.view(1, 3, 1, 1)
         x = x.contiguous(memory_format=torch.channels_last)
         for i, layer in enumerate(self.visual.features):
