@@ -208,7 +208,7 @@ def test_pareto_errors_are_clear(trained, tmp_path):
 
 
 def _point(method, seed, top1, gflops, videos_per_s, *, tau=None, checkpoint=None, k=2):
-    setting = f"K={k}" + (f" τ={tau:.4g}" if tau is not None else "")
+    setting = pareto.Knobs(k, tau, 48, 32).label(AVGNConfig.from_name("tiny").replace(patch_size=48, glance_size=32))
     return pareto.ParetoPoint(method, checkpoint or f"{method}-{seed}.pt", setting, k, tau, 48, 32, top1, top1 / 2,
                               gflops, 1.0 if tau is not None else float(k), 10, videos_per_s, seed=seed)
 
@@ -236,6 +236,18 @@ def test_seed_aggregation_against_a_hand_computation():
     assert pareto.mean_std([2.0, 4.0, 9.0]) == pytest.approx((5.0, 13 ** 0.5))
     # frontier of the means: dense (0.40, 0.30) is dominated by AVGN K=2 (0.06, 0.80)
     assert [r.frontier for r in rows.values()] == [True, True, True, False]
+
+
+def test_thresholds_near_one_keep_their_digits():
+    tiny = AVGNConfig.from_name("tiny")
+    labels = [pareto.Knobs(4, tau, tiny.patch_size, tiny.glance_size).label(tiny)
+              for tau in (0.912, 0.9974, 0.99995, 0.99998, 1.0)]
+    assert labels == ["K=4 τ=0.912", "K=4 τ=0.9974", "K=4 τ=0.999950", "K=4 τ=0.999980", "K=4 τ=1"]
+    # in seed rows such thresholds pair up by rank like any others
+    points = [_point("AVGN", seed, 0.9, 0.05, 100.0, tau=tau)
+              for seed, taus in ((0, (0.99995, 0.99998)), (1, (0.99991, 0.999993))) for tau in taus]
+    rows = [(r.setting, r.seeds) for r in pareto.seed_rows(points)]
+    assert rows == [("K=2 τ#1", 2), ("K=2 τ#2", 2)]
 
 
 def test_seeded_table_plot_and_caveat(tmp_path):

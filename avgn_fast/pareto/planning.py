@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,12 +26,21 @@ class Knobs:
         """Short text naming the setting, e.g. ``K=4 τ=0.912`` or ``K=4 P=24`` (P and G only where not the base)."""
         parts = [f"K={self.k}"]
         if self.exit_threshold is not None:
-            parts.append(f"τ={self.exit_threshold:.4g}")
+            parts.append(threshold_text(self.exit_threshold))
         if self.patch_size != base.patch_size:
             parts.append(f"P={self.patch_size}")
         if self.glance_size != base.glance_size:
             parts.append(f"G={self.glance_size}")
         return " ".join(parts)
+
+
+def threshold_text(tau: float) -> str:
+    """``τ=…`` with four significant digits, and near 1 as many decimals as keep two significant digits of 1 − τ
+    (calibrated thresholds crowd just below 1: 0.99995 and 0.99998 would both print as ``τ=1``)."""
+    gap = 1.0 - tau
+    if gap <= 0 or gap >= 1e-3:
+        return f"τ={tau:.4g}"
+    return f"τ={tau:.{min(math.ceil(-math.log10(gap)) + 1, 12)}f}"
 
 
 def method_name(config: AVGNConfig) -> str:

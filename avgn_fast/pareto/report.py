@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from avgn_fast.pareto.planning import threshold_text
+
 FILES = ("pareto.csv", "pareto.json", "pareto.md", "pareto.png")
 
 
@@ -163,8 +165,7 @@ def _seed_setting(point: ParetoPoint, points: Sequence[ParetoPoint]) -> str:
     same = sorted({p.exit_threshold for p in points if p.checkpoint == point.checkpoint and p.k == point.k
                    and p.exit_threshold is not None and (p.patch_size, p.glance_size) == (point.patch_size,
                                                                                          point.glance_size)})
-    label = f"τ={point.exit_threshold:.4g}"
-    return point.setting.replace(label, f"τ#{same.index(point.exit_threshold) + 1}")
+    return point.setting.replace(threshold_text(point.exit_threshold), f"τ#{same.index(point.exit_threshold) + 1}")
 
 
 def seed_rows(points: Sequence[ParetoPoint]) -> list[SeedRow]:
