@@ -1,4 +1,5 @@
-"""A live source for tests: MPEG-TS written at real-time pace (``python tests/live_media.py OUT SECONDS [FORMAT]``).
+"""A live source for tests: MPEG-TS written at real-time pace
+(``python tests/live_media.py OUT SECONDS [FORMAT [PAUSE_AT_S PAUSE_S]]``).
 
 Each frame and its audio are muxed and flushed when their time comes, so a reader of ``OUT`` (a FIFO,
 a growing file) sees the stream arrive as a camera's would; the number of frames written so far is
@@ -19,10 +20,12 @@ import numpy as np
 FPS, SAMPLE_RATE, SIZE = 10, 16000, (48, 64)
 
 
-def write_live(path: str, seconds: float, *, real_time: bool = True, on_frame=None, fmt: str = "mpegts") -> None:
+def write_live(path: str, seconds: float, *, real_time: bool = True, on_frame=None, fmt: str = "mpegts",
+               pause: tuple[float, float] | None = None) -> None:
     """Encode ``seconds`` of video and audio into ``path`` as MPEG-TS (or ``fmt``, e.g. ``"rtsp"``: published to
     an RTSP listener), each frame muxed at its wall-clock time (``real_time``), or all at once; ``on_frame(n)``
-    after the n-th frame and its sound are written."""
+    after the n-th frame and its sound are written; ``pause`` = (at_s, for_s): the writer goes quiet for
+    ``for_s`` seconds of wall time after the frames of the first ``at_s`` seconds, as a stalled camera would."""
     n = round(seconds * FPS)
     h, w = SIZE
     yy, xx = np.mgrid[0:h, 0:w]
@@ -38,6 +41,9 @@ def write_live(path: str, seconds: float, *, real_time: bool = True, on_frame=No
         audio = container.add_stream("mp2", rate=SAMPLE_RATE, layout="mono")
         start = time.monotonic()
         for i in range(n):
+            if pause is not None and i == round(pause[0] * FPS):
+                time.sleep(pause[1])
+                start += pause[1]
             if real_time:
                 time.sleep(max(start + i / FPS - time.monotonic(), 0))
             image = base.copy()
@@ -59,4 +65,5 @@ def write_live(path: str, seconds: float, *, real_time: bool = True, on_frame=No
 
 if __name__ == "__main__":
     write_live(sys.argv[1], float(sys.argv[2]), on_frame=lambda n: print(n, flush=True),
-               fmt=sys.argv[3] if len(sys.argv) > 3 else "mpegts")
+               fmt=sys.argv[3] if len(sys.argv) > 3 else "mpegts",
+               pause=(float(sys.argv[4]), float(sys.argv[5])) if len(sys.argv) > 5 else None)

@@ -24,10 +24,12 @@ def model():
     return random_model(CONFIG, seed=3)
 
 
-def _live_writer(path, seconds: float, fmt: str = "mpegts") -> tuple[subprocess.Popen, list[int]]:
-    """``live_media.py`` writing ``path`` in real time, and a list whose last item is how many frames it has written."""
+def _live_writer(path, seconds: float, fmt: str = "mpegts", pause: tuple[float, float] | None = None
+                 ) -> tuple[subprocess.Popen, list[int]]:
+    """``live_media.py`` writing ``path`` in real time (quiet for ``pause[1]`` s after ``pause[0]`` s of it), and a list
+    whose last item is how many frames it has written."""
     writer = subprocess.Popen([sys.executable, str(Path(__file__).with_name("live_media.py")), str(path), str(seconds),
-                               fmt], stdout=subprocess.PIPE, text=True)
+                               fmt, *(str(x) for x in pause or ())], stdout=subprocess.PIPE, text=True)
     written = [0]
     threading.Thread(target=lambda: written.extend(int(line) for line in writer.stdout), daemon=True).start()
     return writer, written
@@ -50,6 +52,25 @@ def test_live_fifo_gives_a_row_per_hop_while_it_is_written(model, tmp_path):
     assert all(r.ok and r.latency_ms is not None and r.latency_ms >= 0 for r in rows)
     assert seen[0] < 4 * FPS  # the first row comes while the writer is still writing
     assert all(n >= r.end_s * FPS - 2 for n, r in zip(seen, rows)), seen  # a row once its window was written
+
+
+def test_a_stalled_fifo_gives_an_error_row_and_its_windows_go_on(model, tmp_path):
+    fifo = tmp_path / "stalling.ts"
+    os.mkfifo(fifo)
+    writer, written = _live_writer(fifo, 5, pause=(2.5, 2.5))  # quiet for 2.5 s after 2.5 s of stream
+    rows, seen = [], []
+    for row in avgn_fast.stream(str(fifo), model, window_s=2.0, hop_s=1.0, device="cpu", timeout=1.0, reconnects=0,
+                                options=FAST_PROBE):
+        rows.append(row)
+        seen.append(written[-1])
+    assert writer.wait(timeout=30) == 0
+    errors = [i for i, r in enumerate(rows) if not r.ok]
+    assert len(errors) == 1, [r.error for r in rows]  # one row for the one stall
+    stall = rows[errors[0]]
+    assert "stalled: no data for 1.0 s" in stall.error and stall.path == str(fifo)
+    assert 25 <= seen[errors[0]] <= 30  # reported while the writer was quiet, after its first 2.5 s
+    # the same reading goes on: every window of the 5 s of stream, in stream time, none lost or repeated
+    assert [(r.start_s, r.end_s) for r in rows if r.ok] == [(0, 2), (1, 3), (2, 4), (3, 5)]
 
 
 def _free_port(kind: int) -> int:

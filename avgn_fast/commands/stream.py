@@ -31,7 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--format", dest="input_format", default=None,
                    help="force the demuxer, e.g. mpegts, v4l2 (default: probed)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="longest wait for data from a network source before it counts as stalled")
+                   help="longest wait for data before a source counts as stalled: a network source is then "
+                        "reopened, a FIFO or device gets an error row and is read on (default 10)")
     p.add_argument("--reconnects", type=int, default=3,
                    help="failures in a row after which a source is given up; a window read starts the count afresh")
     add_engine_arguments(p)

@@ -91,6 +91,7 @@ class SequentialReader:
         self.codec_threads = codec_threads
         self.info = SourceInfo()
         self.stats = DecodeStats()
+        self.last_data = time.monotonic()  # when the last packet came (a live source's stall shows here)
         stft = params.stft
         # seconds a window reads either side of its centre (``window_segments``), with a hop to spare
         self.reach = stft.span / params.sample_rate / 2 + stft.hop / params.sample_rate
@@ -140,6 +141,7 @@ class SequentialReader:
         self._audio_late = False
         streams = [s for s in (video, audio) if s is not None]
         for packet in container.demux(streams):
+            self.last_data = time.monotonic()
             if self.stop is not None and self.stop.is_set():
                 return
             is_video = packet.stream.index == video.index

@@ -5,18 +5,22 @@ a FIFO, rtsp://, udp://, http://, /dev/video0, or a file still being written whe
 is told to wait for it with the option ``follow=1``) in a thread of its own, front to back
 (``data.sequential``), and classifies the windows of all sources together in batches
 (``engine.stream.WindowRunner``: one model for many cameras). Video and audio are paired by their
-timestamps, not by arrival. A failure of a source (a stall past ``timeout``, a dropped connection, a
-source that cannot be opened; for a network source, also its end: a server that closes the connection)
+timestamps, not by arrival. A failure of a source (a network source's stall past ``timeout``, a dropped connection,
+a source that cannot be opened; for a network source, also its end: a server that closes the connection)
 is one error row, after which the source is opened again, up to ``reconnects`` failures in a row (a
 window read counts them afresh); its windows then continue on a clock shifted by the wall time since
-it was first opened. The iteration ends when every source has ended; stopping it (Ctrl-C, ``close()``)
-stops the readers at their next packet.
+it was first opened. A FIFO or a device that stalls past ``timeout`` (a read FFmpeg cannot interrupt)
+gets one error row per stall and is read on. The iteration ends when every source has ended; stopping it
+(Ctrl-C, ``close()``) stops the readers at their next packet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -42,9 +46,10 @@ def stream(sources: str | list[str], model_or_checkpoint, *, window_s: float, ho
 
     ``model_or_checkpoint``: a checkpoint path, an ``AVGN``, or a ``BatchPredictor`` (its settings then
     apply, the keyword ones here are ignored). ``options`` go to FFmpeg for every source (e.g.
-    ``{"rtsp_transport": "tcp"}``), ``timeout`` is the longest wait for data in seconds (network
-    sources), ``input_format`` forces the demuxer (e.g. ``"mpegts"``, ``"v4l2"``). Each row's
-    ``latency_ms`` runs from the moment its window's last sample was decoded to the row.
+    ``{"rtsp_transport": "tcp"}``), ``timeout`` is the longest wait for data in seconds: a network
+    source that stalls longer is reopened, a FIFO or device that does gets an error row and is read on
+    (its windows go on when data comes again), ``input_format`` forces the demuxer (e.g. ``"mpegts"``,
+    ``"v4l2"``). Each row's ``latency_ms`` runs from the moment its window's last sample was decoded to the row.
     """
     sources = [sources] if isinstance(sources, str) else [str(s) for s in sources]
     if not sources:
@@ -88,26 +93,67 @@ def _follow(source: str, plan: WindowPlan, params: DecodeParams, reader_options:
     first = time.monotonic()
     offset, failures = 0.0, 0
     network = is_network(source)
-    while not stop.is_set():
-        try:
-            reader = SequentialReader(source, params, stop=stop, **reader_options)
-            for window in source_windows(reader, plan, offset_s=offset):
-                if not put(items, window, stop):
+    current = [None]  # the reader in use, for the stall watch
+    with _stall_watch(source, current, reader_options.get("timeout"), first, items, stop):
+        while not stop.is_set():
+            try:
+                reader = current[0] = SequentialReader(source, params, stop=stop, **reader_options)
+                for window in source_windows(reader, plan, offset_s=offset):
+                    if not put(items, window, stop):
+                        break
+                    failures = 0
+                if not network or stop.is_set():
+                    break  # the source ended (a FIFO's writer closed, a file's end) or the iteration was closed
+                raise DecodeError(source, "the stream ended", transient=True)  # a server closed it: reconnect
+            except Exception as e:
+                at = time.monotonic() - first
+                log.warning("%s (failure %d of %d allowed)", e, failures + 1, reconnects + 1)
+                put(items, ("error", source, e, at), stop)
+                failures += 1
+                if failures > reconnects:
                     break
-                failures = 0
-            if not network or stop.is_set():
-                break  # the source ended (a FIFO's writer closed, a file's end) or the iteration was closed
-            raise DecodeError(source, "the stream ended", transient=True)  # a server closed it: reconnect
-        except Exception as e:
-            at = time.monotonic() - first
-            log.warning("%s (failure %d of %d allowed)", e, failures + 1, reconnects + 1)
-            put(items, ("error", source, e, at), stop)
-            failures += 1
-            if failures > reconnects:
-                break
-            stop.wait(retry_s)
-            offset = time.monotonic() - first
+                stop.wait(retry_s)
+                offset = time.monotonic() - first
     put(items, ("end", source), stop)
+
+
+@contextlib.contextmanager
+def _stall_watch(source: str, current: list, timeout: float | None, first: float, items: queue.Queue,
+                 stop: threading.Event):
+    """Inside the block, when ``source`` is a FIFO or a device: an error row, once per stall, whenever the reader
+    in ``current[0]`` has had no data for ``timeout`` seconds.
+
+    FFmpeg's timeout cannot interrupt a read that waits in the kernel (a FIFO whose writer went quiet,
+    a camera device), so the reader waits on, and its windows go on when data comes again.
+    """
+    if timeout is None or not blocks_reads(source):
+        yield
+        return
+    done = threading.Event()
+
+    def watch():
+        reported = None
+        while not done.wait(min(timeout / 4, 1.0)) and not stop.is_set():
+            last = current[0].last_data if current[0] is not None else first
+            if time.monotonic() - last > timeout and reported != last:
+                reported = last
+                error = DecodeError(source, f"stalled: no data for {timeout} s", transient=True)
+                put(items, ("error", source, error, time.monotonic() - first), stop)
+
+    threading.Thread(target=watch, name=f"{threading.current_thread().name}-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def blocks_reads(source: str) -> bool:
+    """Whether ``source`` is a local FIFO or character device, whose reads wait in the kernel for data."""
+    try:
+        mode = os.stat(source.removeprefix("file:")).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
 def is_network(source: str) -> bool:
