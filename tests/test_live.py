@@ -1,4 +1,5 @@
-"""Live sources as they play: a FIFO, UDP, RTSP, a file being written, HTTP servers that end or stall."""
+"""Live sources as they play: FIFOs (one that stalls), UDP, RTSP (published to us, or read from a server), a file
+being written, HTTP servers that end or stall."""
 
 import os
 import socket
@@ -141,6 +142,34 @@ def test_an_rtsp_feed_gives_rows_as_it_plays_and_its_end_is_a_row(model):
     assert all(r.latency_ms is not None and r.latency_ms >= 0 for r in ok)
     assert seen[0] < 6 * FPS  # the first row came while the camera was still publishing
     # the publisher's end closes the session: for a network source that is one error row (then, here, the end)
+    assert not rows[-1].ok and "the stream ended" in rows[-1].error and rows[-1].path == url
+
+
+def test_an_rtsp_server_gives_rows_as_it_plays_and_its_end_is_a_row(model, tmp_path):
+    # a camera serving RTSP (``rtsp_server.py``: DESCRIBE, SETUP over TCP, PLAY of MPEG-TS over RTP), read as a client
+    fifo = tmp_path / "camera.ts"
+    os.mkfifo(fifo)
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("rtsp_server.py")), str(fifo)],
+                              stdout=subprocess.PIPE, text=True)
+    writer, written = _live_writer(fifo, 6)
+    try:
+        url = f"rtsp://127.0.0.1:{server.stdout.readline().strip()}/live"
+        rows, seen = [], []
+        for row in avgn_fast.stream(url, model, window_s=2.0, hop_s=1.0, device="cpu", reconnects=0, timeout=10.0,
+                                    options={"rtsp_transport": "tcp", **FAST_PROBE}):
+            rows.append(row)
+            seen.append(written[-1])
+        assert writer.wait(timeout=30) == 0 and server.wait(timeout=30) == 0
+    finally:
+        writer.kill()
+        server.kill()
+    ok = [r for r in rows if r.ok]
+    assert [(r.start_s, r.end_s) for r in ok[:4]] == [(0, 2), (1, 3), (2, 4), (3, 5)], [(r.start_s, r.error)
+                                                                                      for r in rows]
+    assert all(r.latency_ms is not None and r.latency_ms >= 0 for r in ok)
+    assert seen[0] < 6 * FPS  # the first row came while the camera was still playing
+    assert all(n >= r.end_s * FPS - 2 for n, r in zip(seen, rows) if r.ok)  # a row once its window had played
+    # the server's end closes the session: for a network source that is one error row (then, here, the end)
     assert not rows[-1].ok and "the stream ended" in rows[-1].error and rows[-1].path == url
 
 
