@@ -136,12 +136,18 @@ def test_an_rtsp_feed_gives_rows_as_it_plays_and_its_end_is_a_row(model):
     finally:
         for writer, _ in writers:
             writer.kill()
+    _assert_rtsp_rows(rows, seen, url)
+
+
+def _assert_rtsp_rows(rows, seen, url) -> None:
+    """A 6-s RTSP camera read with W = 2 s, H = 1 s: rows (0,2)…(3,5) with latencies, the first while the camera
+    was still playing (``seen``: frames written when each row came), and its end one error row."""
     ok = [r for r in rows if r.ok]
     assert [(r.start_s, r.end_s) for r in ok[:4]] == [(0, 2), (1, 3), (2, 4), (3, 5)], [(r.start_s, r.error)
                                                                                       for r in rows]
     assert all(r.latency_ms is not None and r.latency_ms >= 0 for r in ok)
-    assert seen[0] < 6 * FPS  # the first row came while the camera was still publishing
-    # the publisher's end closes the session: for a network source that is one error row (then, here, the end)
+    assert seen[0] < 6 * FPS  # the first row came while the camera was still playing
+    # the camera's end closes the session: for a network source that is one error row (then, here, the end)
     assert not rows[-1].ok and "the stream ended" in rows[-1].error and rows[-1].path == url
 
 
@@ -163,14 +169,8 @@ def test_an_rtsp_server_gives_rows_as_it_plays_and_its_end_is_a_row(model, tmp_p
     finally:
         writer.kill()
         server.kill()
-    ok = [r for r in rows if r.ok]
-    assert [(r.start_s, r.end_s) for r in ok[:4]] == [(0, 2), (1, 3), (2, 4), (3, 5)], [(r.start_s, r.error)
-                                                                                      for r in rows]
-    assert all(r.latency_ms is not None and r.latency_ms >= 0 for r in ok)
-    assert seen[0] < 6 * FPS  # the first row came while the camera was still playing
+    _assert_rtsp_rows(rows, seen, url)
     assert all(n >= r.end_s * FPS - 2 for n, r in zip(seen, rows) if r.ok)  # a row once its window had played
-    # the server's end closes the session: for a network source that is one error row (then, here, the end)
-    assert not rows[-1].ok and "the stream ended" in rows[-1].error and rows[-1].path == url
 
 
 def test_stream_reports_a_failed_source_and_ends(model, tmp_path):

@@ -45,6 +45,11 @@ class DecodeError(ValueError):
         return f"{self.path}: {self.problem}"
 
 
+def stalled(source, timeout: float) -> DecodeError:
+    """The error of a live source that gave no data for ``timeout`` seconds (a transient one: it may come back)."""
+    return DecodeError(source, f"stalled: no data for {timeout} s", transient=True)
+
+
 @dataclass
 class DecodeStats:
     """Work done by the ``pyav`` backend, for checking that long files are not decoded whole."""

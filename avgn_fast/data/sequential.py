@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from avgn_fast.data.audio import segments_log_mel, window_segments
-from avgn_fast.data.common import DecodeError, DecodeParams, DecodeStats, check_pixels
+from avgn_fast.data.common import DecodeError, DecodeParams, DecodeStats, check_pixels, stalled
 from avgn_fast.data.pyav_audio import misplaced, mono_samples, repair, repair_notes
 from avgn_fast.data.pyav_backend import FrameConverter
 
@@ -114,7 +114,7 @@ class SequentialReader:
         except DecodeError:
             raise
         except av.ExitError as e:
-            raise DecodeError(self.source, f"stalled: no data for {self.timeout} s", transient=True) from e
+            raise stalled(self.source, self.timeout) from e
         except MemoryError as e:
             raise DecodeError(self.source, "out of memory while decoding", transient=True) from e
         except Exception as e:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 
 from avgn_fast.config import FROM_CHECKPOINT
-from avgn_fast.data.common import DecodeError, DecodeParams
+from avgn_fast.data.common import DecodeError, DecodeParams, stalled
 from avgn_fast.data.sequential import SequentialReader
 from avgn_fast.engine.batch import BatchPredictor, error_line
 from avgn_fast.engine.stream import WindowRunner, batches, put, source_windows
@@ -137,8 +137,7 @@ def _stall_watch(source: str, current: list, timeout: float | None, first: float
             last = current[0].last_data if current[0] is not None else first
             if time.monotonic() - last > timeout and reported != last:
                 reported = last
-                error = DecodeError(source, f"stalled: no data for {timeout} s", transient=True)
-                put(items, ("error", source, error, time.monotonic() - first), stop)
+                put(items, ("error", source, stalled(source, timeout), time.monotonic() - first), stop)
 
     threading.Thread(target=watch, name=f"{threading.current_thread().name}-watch", daemon=True).start()
     try:
