@@ -13,7 +13,7 @@ import pytest
 import torch
 from media import frame_level, indexed_frames, write_tone_chunks, write_video
 
-from avgn_fast.data import pyav_backend
+from avgn_fast.data import pyav_backend, pyav_streams
 from avgn_fast.data.audio import LOG_EPS
 from avgn_fast.data.decode import DecodeStats, decode_clip
 from avgn_fast.data.pyav_audio import mono_samples
@@ -55,6 +55,35 @@ def test_long_gaps_still_restart_from_the_keyframe(tmp_path, read_mode):
                                torch.tensor([float(frame_level(j)) for j in expected]), atol=3.0, rtol=0)
     assert pyav_backend.RESTART_GAP < 30
     assert stats.video_frames_decoded <= 4 * (pyav_backend.RESTART_GAP + 8)  # not the 211 of one pass
+
+
+def test_frames_nothing_refers_to_are_skipped_unless_sampled(tmp_path, read_mode, monkeypatch):
+    # libx264's B-frames on flat grey content: 20 of the 48 frames are non-reference. T=16 needs frames
+    # 1, 4, 7, ..., 46; the decoder skips every non-reference frame it is not asked for, and the needed
+    # frames come out as they do when every frame is decoded
+    path = write_video(tmp_path / "bframes.mp4", frames=indexed_frames(48, (48, 64)), fps=12, seconds=4.0,
+                       audio=None)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = "NONREF"
+        referenced = {frame.pts for frame in container.decode(stream)}
+    with av.open(str(path)) as container:
+        every = [frame.pts for frame in container.decode(container.streams.video[0])]
+    expected = [math.floor(12 * (i + 0.5) * 0.25) for i in range(16)]
+    kept = {every[j] for j in expected}
+    assert len(every) == 48 and 10 <= len(set(every) - referenced) < 48  # the file has skippable frames
+
+    stats = DecodeStats()
+    clip = decode_clip(path, num_frames=16, size=32, stats=stats)
+    torch.testing.assert_close(clip.frames.float().mean(dim=(1, 2, 3)),
+                               torch.tensor([float(frame_level(j)) for j in expected]), atol=3.0, rtol=0)
+    assert stats.video_frames_decoded == sum(p in referenced or p in kept for p in every[:expected[-1] + 1])
+
+    real = pyav_streams.PacketReader.frames
+    monkeypatch.setattr(pyav_streams.PacketReader, "frames", lambda self, *a, keep=None: real(self, *a))
+    every_stats = DecodeStats()
+    assert torch.equal(decode_clip(path, num_frames=16, size=32, stats=every_stats).frames, clip.frames)
+    assert every_stats.video_frames_decoded == expected[-1] + 1
 
 
 def test_overlapping_audio_is_cut_once_and_later_audio_keeps_its_time(tmp_path):

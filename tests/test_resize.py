@@ -47,3 +47,14 @@ def test_non_contiguous_frames():
     frames = frames.expand(2, 3, 96, 96)
     torch.testing.assert_close(area_resize(frames, 32).double(), block_means(frames.contiguous(), 32),
                                **tol(torch.float32))
+
+
+@pytest.mark.parametrize("f", [11, 12, 16])
+def test_full_scale_blocks_do_not_overflow_the_integer_sums(f):
+    """f = 11 is the largest block whose sum of 255s fits int16; 12 and 16 need int32."""
+    g = torch.Generator().manual_seed(f)
+    frames = torch.randint(250, 256, (2, 3, 2 * f, 2 * f), dtype=torch.uint8, generator=g)
+    frames[0] = 255
+    out = area_resize(frames, 2)
+    assert torch.equal(out[0], torch.full((3, 2, 2), 255.0))
+    torch.testing.assert_close(out.double(), block_means(frames, 2), **tol(torch.float32))

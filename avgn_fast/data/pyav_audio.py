@@ -3,7 +3,8 @@
 Any channel count and sample format: each decoded frame is averaged to mono in float32, non-finite
 samples are zeroed (noted) and the rest clipped to [-1, 1] (noted when over 1 % of them: lossy codecs
 overshoot a little on clean files), frames are placed by timestamp (a gap is silence, noted), and
-libswresample resamples the mono signal to ``sample_rate``. Windows closer than
+the mono signal is resampled to ``sample_rate`` (``decimate`` where the ratio is whole, else libswresample:
+the same samples either way). Windows closer than
 ``_AUDIO_MERGE_GAP_S`` are read in one pass. An audio stream that fails to decode costs the audio,
 not the video: ``read_audio`` returns None with a note.
 """
@@ -17,6 +18,7 @@ import torch
 
 from avgn_fast.data.audio import window_segments
 from avgn_fast.data.common import DecodeParams, DecodeStats
+from avgn_fast.data.decimate import decimate
 from avgn_fast.data.pyav_streams import PacketReader
 
 _AUDIO_PREROLL_S = 0.5  # decoded before each audio read: codec warm-up after a seek (Opus needs 80 ms)
@@ -108,6 +110,11 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
     zeroed, clipped = repair(mono)
     repaired[0] += zeroed
     repaired[1] += clipped
+    if first.time is not None and first.sample_rate == sample_rate:
+        return torch.from_numpy(mono), float(first.time)
+    fast = None if first.time is None else decimate(mono, first.sample_rate, sample_rate)
+    if fast is not None:  # libswresample's samples for a whole-number ratio, about 4x faster
+        return torch.from_numpy(fast), float(first.time)
     signal = av.AudioFrame.from_ndarray(mono.reshape(1, -1), format="flt", layout="mono")
     signal.sample_rate, signal.pts, signal.time_base = first.sample_rate, first.pts, first.time_base
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)

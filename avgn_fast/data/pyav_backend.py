@@ -189,6 +189,7 @@ def _decode_frames(reader: PacketReader, stream, probe: VideoProbe, indices: lis
     than reading on through a short gap.
     """
     found = {}
+    keep = None if stream.codec_context.skip_frame != "DEFAULT" else {probe.pts[j] for j in indices}
     decoded = None
     prev = cur = None
     pos = None  # timestamp of the last decoded frame
@@ -198,7 +199,7 @@ def _decode_frames(reader: PacketReader, stream, probe: VideoProbe, indices: lis
         key, key_dts = (probe.keyframes[k], probe.key_dts[k]) if k >= 0 else (probe.pts[0], probe.pts[0])
         gap = None if pos is None else bisect.bisect_left(probe.pts, key) - bisect.bisect_right(probe.pts, pos)
         if decoded is None or (gap is not None and gap > RESTART_GAP):
-            decoded = reader.frames(stream, key, key_dts)
+            decoded = reader.frames(stream, key, key_dts, keep=keep)
             prev = cur = None
         while cur is None or timestamp(cur) < target:
             nxt = next(decoded, None)

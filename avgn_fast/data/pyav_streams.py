@@ -141,13 +141,21 @@ class PacketReader:
                 error = e
         raise error
 
-    def frames(self, stream, ts: int, dts: int | None = None):
+    def frames(self, stream, ts: int, dts: int | None = None, keep: set[int] | None = None):
         """Decoded, timestamped frames of ``stream`` from the keyframe at or before ``ts`` on (``packets_from``);
-        packets the decoder rejects are skipped and the decoder is drained at the end of the stream."""
+        packets the decoder rejects are skipped and the decoder is drained at the end of the stream.
+
+        With ``keep`` (presentation timestamps), a packet whose frame is not kept is decoded only if other
+        frames refer to it: the decoder skips non-reference frames there (H.264's and MPEG-4's B-frames),
+        which never change another frame, so the kept frames come out the same.
+        """
         import av
 
         packets = self.packets_from(stream, ts, dts)
         codec = stream.codec_context
+        skipping = False
+        if keep is not None:
+            codec.skip_frame = "DEFAULT"  # a restart may find it skipping
         while True:
             try:
                 packet = next(packets)
@@ -156,12 +164,17 @@ class PacketReader:
                 packet = None
             if packet is not None and packet.size == 0:  # the demuxer's end-of-stream marker
                 packet = None
+            if keep is not None and packet is not None and (packet.pts not in keep) != skipping:
+                skipping = not skipping
+                codec.skip_frame = "NONREF" if skipping else "DEFAULT"
             try:
                 frames = codec.decode(packet)
             except av.FFmpegError:
                 self.stats.packets_dropped += packet is not None
                 frames = []
-            yield from (frame for frame in frames if timestamp(frame) is not None)
+            for frame in frames:  # a plain loop: a generator expression per packet costs more than the test
+                if frame.pts is not None or frame.dts is not None:
+                    yield frame
             if packet is None:
                 return
 
