@@ -145,9 +145,9 @@ class PacketReader:
         """Decoded, timestamped frames of ``stream`` from the keyframe at or before ``ts`` on (``packets_from``);
         packets the decoder rejects are skipped and the decoder is drained at the end of the stream.
 
-        With ``keep`` (presentation timestamps), a packet whose frame is not kept is decoded only if other
-        frames refer to it: the decoder skips non-reference frames there (H.264's and MPEG-4's B-frames),
-        which never change another frame, so the kept frames come out the same.
+        With ``keep`` (timestamps, as ``timestamp`` reads them), a packet whose frame is not kept is decoded
+        only if other frames refer to it: the decoder skips non-reference frames there (H.264's and
+        MPEG-4's B-frames), which never change another frame, so the kept frames come out the same.
         """
         import av
 
@@ -164,7 +164,7 @@ class PacketReader:
                 packet = None
             if packet is not None and packet.size == 0:  # the demuxer's end-of-stream marker
                 packet = None
-            if keep is not None and packet is not None and (packet.pts not in keep) != skipping:
+            if keep is not None and packet is not None and (timestamp(packet) not in keep) != skipping:
                 skipping = not skipping
                 codec.skip_frame = "NONREF" if skipping else "DEFAULT"
             try:
