@@ -8,8 +8,11 @@ Media are written at run time into a temporary folder (``--workdir`` keeps them 
   ``avgn-fast synth`` writes it: 96 x 96, 48 frames at 12 fps, 4 s; H.264 + AAC, and VP9 + Opus;
 - ``h264_1080p_2s.mp4``: 1920 x 1080, 2 s at 30 fps, H.264 + AAC;
 - ``h264_360p_20s.mp4``: 640 x 360, 20 s at 30 fps, H.264 + AAC;
+- ``h264_360p_20s_bframes.mp4``: the same size and length with smooth content (``tests/media.py``'s ramps),
+  for which libx264 makes 279 of the 600 frames B-frames that no other frame refers to;
 
-the last two with ``tests/media.py``'s content (gradient, moving square, noise) and libx264's default GOP.
+the 1080p and the first 20-s file with ``tests/media.py``'s content (gradient, moving square, noise), for which
+libx264 chooses no B-frames; all three with libx264's default GOP.
 
 Per file, in one process and run: (a) ours, ``decode_clip`` with every decode parameter of the
 configuration named in the table (tiny for AVSynth, paper for the others): 16 frames resized and cropped,
@@ -74,14 +77,17 @@ def write_avsynth(path: Path) -> None:
     synth.write_video(synth.render_video(0, seed=0, config=AVGNConfig.from_name("tiny")), path)
 
 
-def synthetic_writer(height: int, width: int, seconds: float) -> Callable[[Path], None]:
-    """A writer of an H.264 + AAC mp4 of ``tests/media.py`` content at ``SYNTH_FPS``."""
+def synthetic_writer(height: int, width: int, seconds: float, smooth: bool = False) -> Callable[[Path], None]:
+    """A writer of an H.264 + AAC mp4 of ``tests/media.py`` content at ``SYNTH_FPS``: its default frames (gradient,
+    moving square, noise: libx264 chooses no B-frames), or with ``smooth`` its ramps (about half the frames
+    become B-frames that no other frame refers to, as in most camera and web video)."""
 
     def write(path: Path) -> None:
         import media
 
         tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix picks the container
-        media.write_video(tmp, size=(height, width), fps=SYNTH_FPS, seconds=seconds)
+        frames = media.ramp_frames(round(seconds * SYNTH_FPS), (height, width)) if smooth else None
+        media.write_video(tmp, size=(height, width), fps=SYNTH_FPS, seconds=seconds, frames=frames)
         os.replace(tmp, path)
 
     return write
@@ -92,6 +98,7 @@ MEDIA = (
     Media("avsynth_tiny.webm", "tiny", 48, write_avsynth),
     Media("h264_1080p_2s.mp4", "paper", 2 * SYNTH_FPS, synthetic_writer(1080, 1920, 2.0)),
     Media("h264_360p_20s.mp4", "paper", 20 * SYNTH_FPS, synthetic_writer(360, 640, 20.0)),
+    Media("h264_360p_20s_bframes.mp4", "paper", 20 * SYNTH_FPS, synthetic_writer(360, 640, 20.0, smooth=True)),
 )
 
 
