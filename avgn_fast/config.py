@@ -32,6 +32,9 @@ class AVGNConfig:
     n_mels: int = 64
     win_ms: float = 25.0
     hop_ms: float = 10.0
+    # spectral mean normalization of the audio over the clip's T windows (the stationary background removed). False:
+    # each frame's audio is encoded on its own, so overlapping windows of a long video share it (``engine.stream``)
+    audio_clip_mean: bool = True
     # glance encoders (MobileNetV2)
     glance_width: float = 1.0
     audio_width: float = 1.0

@@ -8,9 +8,11 @@ from avgn_fast.engine.stages import random_inputs
 from avgn_fast.models.avgn import AVGN
 
 
-def random_model(config, seed: int = 0, *, exits: bool = False) -> AVGN:
+def random_model(config, seed: int = 0, *, exits: bool = False, live_audio: bool = False) -> AVGN:
     """An eval-mode AVGN with random weights (``seed``) and a policy that moves the patch, so patch locations
-    depend on the inputs; ``exits``: exit heads confident enough that videos leave at different steps."""
+    depend on the inputs; ``exits``: exit heads confident enough that videos leave at different steps;
+    ``live_audio``: audio features that differ between sounds (below; implied for the audio-only baseline with
+    ``exits``)."""
     torch.manual_seed(seed)
     model = AVGN(config).eval()
     with torch.no_grad():
@@ -21,7 +23,7 @@ def random_model(config, seed: int = 0, *, exits: bool = False) -> AVGN:
         if exits:
             for head in model.classifier.heads:
                 head.weight.normal_(0, 0.5)
-    if exits and model.visual is None and model.local is None:
+    if live_audio or (exits and model.visual is None and model.local is None):
         # audio-only: at its initial BatchNorm statistics the random audio encoder's features vanish (~1e-9) and
         # every video looks alike; the statistics of one batch of random clips make them differ
         norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

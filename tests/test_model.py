@@ -275,3 +275,28 @@ def test_wrong_or_corrupt_checkpoints_raise_naming_the_file(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="class names"):
         save_checkpoint(tmp_path / "bad.pt", model, class_names=["only one"])
+
+
+@pytest.mark.parametrize("clip_mean", [True, False])
+def test_audio_clip_mean_decides_whether_a_frames_audio_features_are_its_own(clip_mean):
+    """With the clip's spectral mean (the default) a frame's audio features change when another frame's sound does;
+    without it (``audio_clip_mean=False``) they do not."""
+    model = build(TINY.replace(audio_clip_mean=clip_mean))
+    _, mel = make_inputs(TINY, seed=5)
+    g = torch.Generator().manual_seed(6)
+    other = mel.clone()
+    other[:, 1:] += torch.randn(other[:, 1:].shape, generator=g) * 2 + 1
+    present = torch.ones(2, dtype=torch.bool)
+    with torch.no_grad():
+        for m in model.modules():  # BatchNorm statistics of these inputs, so the features do not vanish
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 1.0
+        model.train().encode_audio(mel, present)
+        model.eval()
+        _, pooled = model.encode_audio(mel, present)
+        _, pooled_other = model.encode_audio(other, present)
+    assert pooled[:, 0].abs().mean() > 1e-3
+    if clip_mean:
+        assert not torch.allclose(pooled[:, 0], pooled_other[:, 0], **tol(torch.float32))
+    else:
+        torch.testing.assert_close(pooled_other[:, 0], pooled[:, 0], **tol(torch.float32))

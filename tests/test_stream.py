@@ -56,14 +56,35 @@ def test_window_plan_merges_shared_times_and_checks_its_arguments():
             WindowPlan(*bad)
 
 
-def test_window_equals_predict_on_that_window_cut_out(model, long_file, tmp_path):
-    path, frames, wave = long_file
+@pytest.fixture(scope="module")
+def varied_file(tmp_path_factory):
+    """``long_file``'s frames and silences with a different tone every 0.2 s: each frame hears its own sound."""
+    seconds = 10
+    frames = default_frames(FPS * seconds, (48, 64), seed=1)
+    t = np.arange(RATE * seconds) / RATE
+    pitch = 300 + 170 * ((np.floor(t / 0.2) * 7) % 19)  # 300-3,360 Hz, changing every 0.2 s
+    envelope = np.clip(np.abs(t - np.round(t)) / 0.03 - 0.5, 0, 1)
+    wave = (0.5 * np.sin(2 * np.pi * np.cumsum(pitch) / RATE) * envelope)[None].astype(np.float32)
+    path = write_video(tmp_path_factory.mktemp("varied") / "varied.mkv", frames=frames, wave=wave, seconds=seconds,
+                       **LOSSLESS)
+    return path, frames, wave
+
+
+@pytest.mark.parametrize("own_audio", [False, True], ids=["clip-mean", "own-audio"])
+def test_window_equals_predict_on_that_window_cut_out(model, long_file, varied_file, tmp_path, own_audio):
+    """By default only the visual glance is shared; a model that encodes each frame's audio on its own
+    (``audio_clip_mean=False``) shares the audio encoder's features too, and its windows still equal the cut file
+    (on a sound that changes every 0.2 s, so a frame given another frame's audio features shows)."""
+    path, frames, wave = varied_file if own_audio else long_file
+    if own_audio:
+        model = random_model(CONFIG.replace(audio_clip_mean=False), seed=3, live_audio=True)
     predictor = Predictor(model, device="cpu", batch_size=4, num_workers=0, exit_threshold=None)
     rows = predictor.predict([path], window_s=4.0, hop_s=2.0)
     assert [(r.start_s, r.end_s) for r in rows] == [(0, 4), (2, 6), (4, 8), (6, 10)]
     assert all(r.ok and r.latency_ms >= 0 for r in rows)
     cost = model.cost().total(CONFIG.k)
-    glance = next(r.gmacs for r in model.flops_table() if r.name == "visual glance encoder")
+    shared = ("visual glance encoder", "audio encoder") if own_audio else ("visual glance encoder",)
+    glance = sum(r.gmacs for r in model.flops_table() if r.name in shared)
     assert rows[0].gflops == pytest.approx(cost)  # the first window computes all its frames' features
     assert rows[1].gflops == pytest.approx(cost - glance * CONFIG.num_frames / 2)  # later ones half
     # the window from 4 to 8 s, cut out (its sound is silent near the cut, where the window's edge frames hear beyond)
@@ -219,3 +240,29 @@ def test_a_source_whose_sound_stops_goes_on_with_silence(model, tmp_path):
     rows = Predictor(model, device="cpu", num_workers=0).predict([path], window_s=4.0)
     assert [r.audio_present for r in rows] == [True, False, False, False]  # as the windows cut out would have
     assert sum("behind the video" in n for r in rows for n in r.notes) == 1  # noted once, on the row it came with
+
+
+def test_shared_audio_features_equal_each_windows_own_with_and_without_sound(varied_file, tmp_path):
+    """A model that encodes each frame's audio on its own: the windows (hop W/2) classified with the audio features
+    shared across them equal the same windows encoding their own audio, where the sound plays (``varied_file``)
+    and where it has stopped (a window without audio multiplies its features by 0 as the model does)."""
+    model = random_model(CONFIG.replace(audio_clip_mean=False), seed=3, live_audio=True)
+    batch = BatchPredictor(model, device="cpu", exit_threshold=None)
+    params = DecodeParams.from_config(CONFIG)
+    mute_tail = write_video(tmp_path / "mute_tail.mkv", frames=default_frames(FPS * 8, (48, 64), seed=2),
+                            wave=varied_file[2][:, :2 * RATE], seconds=8, **LOSSLESS)
+    for path in (varied_file[0], mute_tail):
+        windows = list(source_windows(SequentialReader(str(path), params), WindowPlan(4.0, 2.0, CONFIG.num_frames)))
+        shared = WindowRunner(batch)
+        assert shared.shares_audio
+        rows = shared(windows)
+        own = WindowRunner(batch)
+        own.shares_audio = False  # each window's audio through the encoder, as classifying it alone does
+        reference = own(windows)
+        assert len(rows) == len(windows) >= 3 and all(r.ok for r in rows)
+        for row, ref in zip(rows, reference):
+            assert row.audio_present == ref.audio_present and row.kept_frames == ref.kept_frames
+            assert row.score == pytest.approx(ref.score, abs=1e-5)
+            torch.testing.assert_close(torch.tensor(row.saliency), torch.tensor(ref.saliency), atol=1e-5, rtol=0)
+        if path == mute_tail:
+            assert [r.audio_present for r in rows][0] and not rows[-1].audio_present

@@ -2,9 +2,10 @@
 
 ``WindowRunner`` classifies complete windows (``engine.windows``) with the per-batch code every other
 route runs (``BatchPredictor.classify``): the visual glance encoder runs once per sampled frame, the
-first time a window holds it, and every later window that holds the frame reuses its features; the
-rest of the model (audio encoder, whose spectral normalization spans the window, AV-TeST over the
-window's T frames, AESPA, patches, local encoder, classifier) runs per window. ``predict_windows``
+first time a window holds it, and every later window that holds the frame reuses its features; so does
+the audio encoder when the model encodes each frame's audio on its own (``audio_clip_mean=False``; by
+default its spectral normalization spans the window). The rest of the model (AV-TeST over the window's
+T frames, AESPA, patches, local encoder, classifier) runs per window. ``predict_windows``
 reads files one after another in a background thread (``data.sequential``: front to back, no seek)
 while the model classifies the windows already complete, batched across windows; ``engine.live.stream``
 does the same for live sources with the same pieces (``source_windows``, ``batches``, ``WindowRunner``).
@@ -37,7 +38,7 @@ _END_SLACK_S = 1e-3
 class WindowRunner:
     """Classifies batches of complete windows with a ``BatchPredictor`` (its model, engine and settings).
 
-    ``gmacs_saved`` counts the visual-encoder GMACs that shared features spared, ``gmacs_spent`` what the
+    ``gmacs_saved`` counts the glance-encoder GMACs that shared features spared, ``gmacs_spent`` what the
     windows cost; their sum is what classifying every window as its own clip would have cost.
     """
 
@@ -49,8 +50,11 @@ class WindowRunner:
         # an exported folder runs its stages as exported: its windows are classified whole, nothing shared
         self.shares = isinstance(self.model, AVGN) and self.model.visual is not None
         self.outputs = self.model.stage_io["glance"][1] if self.shares else ()
-        self.frame_gmacs = next((row.gmacs for row in self.model.flops_table() if row.name == "visual glance encoder"),
-                                0.0) if self.shares else 0.0
+        # without the clip's spectral mean a frame's audio features are its own too: shared like the visual ones
+        self.shares_audio = self.shares and "audio" in self.outputs and not self.model.config.audio_clip_mean
+        shared = ("visual glance encoder", "audio encoder") if self.shares_audio else ("visual glance encoder",)
+        self.frame_gmacs = sum(row.gmacs for row in self.model.flops_table() if row.name in shared) if self.shares \
+            else 0.0
         self.gmacs_spent = self.gmacs_saved = 0.0
 
     def __call__(self, windows: list[Window]) -> list[WindowPrediction]:
@@ -99,10 +103,19 @@ class WindowRunner:
                 chunk = new[i:i + _ENCODE_CHUNK]
                 frames = torch.stack([s.frame for s in chunk])[None].to(device)
                 tokens, visual = self.model.encode_visual(frames)
+                if self.shares_audio:  # as heard (present): a window without audio multiplies them by 0 below
+                    mel = torch.stack([s.mel for s in chunk])[None].to(device, torch.float32)
+                    audio_tokens, audio = self.model.encode_audio(mel, torch.ones(1, dtype=torch.bool, device=device))
                 for j, s in enumerate(chunk):
                     s.features = {"visual": visual[0, j]} | ({"tokens": tokens[0, j]} if tokens is not None else {})
+                    if self.shares_audio:
+                        s.features |= {"audio_tokens": audio_tokens[0, j], "audio": audio[0, j]}
             audio = {}
-            if "audio" in self.outputs:
+            if self.shares_audio:
+                present = [float(w.audio_present) for w in windows]
+                audio = {name: [torch.stack([s.features[name] for s in w.samples]) * heard
+                                for w, heard in zip(windows, present)] for name in ("audio_tokens", "audio")}
+            elif "audio" in self.outputs:
                 mel = torch.stack([torch.stack([s.mel for s in w.samples]) for w in windows]).to(device, torch.float32)
                 present = torch.tensor([w.audio_present for w in windows], device=device)
                 audio["audio_tokens"], audio["audio"] = self.model.encode_audio(mel, present)

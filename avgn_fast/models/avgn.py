@@ -263,8 +263,8 @@ class AVGN(nn.Module):
         """Audio encoder on every frame's log-mel → tokens (B, T, La, C_a) and pooled (B, T, C_a), 0 without audio."""
         b, t = mel.shape[:2]
         present = audio_present.to(mel.dtype).view(b, 1, 1, 1)
-        # spectral mean normalization per video: the stationary background spectrum is removed
-        mel = mel - mel.mean(dim=(1, 3), keepdim=True)
+        if self.config.audio_clip_mean:  # spectral mean normalization per video: the stationary background removed
+            mel = mel - mel.mean(dim=(1, 3), keepdim=True)
         x = self.audio_norm(mel.flatten(0, 1)[:, None]).contiguous(memory_format=torch.channels_last)
         fmap, pooled = self.audio(x)
         tokens = fmap.flatten(2).transpose(1, 2).reshape(b, t, -1, fmap.shape[1]) * present
