@@ -24,7 +24,7 @@ _KAISER_BETA = 9.0
 
 
 def decimate(mono: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray | None:
-    """float32 (n,) at ``src_rate`` -> float32 (round(n / q),) at ``dst_rate = src_rate / q``, the samples
+    """float32 (n,) at ``src_rate`` -> float32 (about n / q,) at ``dst_rate = src_rate / q``, the samples
     libswresample gives; None when q is not a whole number above 1 or the signal is no longer than the
     filter (libswresample mirrors short signals differently): the caller then resamples with it."""
     if dst_rate <= 0 or src_rate % dst_rate or src_rate // dst_rate < 2:
@@ -35,8 +35,11 @@ def decimate(mono: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray | Non
     if n <= taps:
         return None
     nb = bank.shape[0]
-    n_out = (2 * n + q) // (2 * q)  # n / q rounded, halves up: libswresample's count
-    right = (taps + 1) // 2  # libswresample's flush mirrors this many samples, the last one included
+    # libswresample's count: the windows that fit in the signal (with ``center`` mirrored samples before it),
+    # then, at the flush, those that fit once it mirrors half of what is left (at most ``taps``) after its end
+    first = (n + center - taps) // q + 1
+    right = (min(n + center - first * q, taps) + 1) // 2  # the flush's mirrored samples, the last one included
+    n_out = (n + right + center - taps) // q + 1
     padded = np.zeros((n_out + nb - 1) * q, np.float32)
     padded[:center] = mono[center:0:-1]  # x[-k] = x[k]: the start is mirrored about the first sample
     end = min(center + n, padded.size)

@@ -164,7 +164,9 @@ class PacketReader:
                 packet = None
             if packet is not None and packet.size == 0:  # the demuxer's end-of-stream marker
                 packet = None
-            if keep is not None and packet is not None and (timestamp(packet) not in keep) != skipping:
+            stamp = None if packet is None else timestamp(packet)
+            # a packet without a timestamp (a picture's second field) keeps the state of the one before it
+            if keep is not None and stamp is not None and (stamp not in keep) != skipping:
                 skipping = not skipping
                 codec.skip_frame = "NONREF" if skipping else "DEFAULT"
             try:

@@ -112,7 +112,8 @@ class WindowRunner:
                         s.features |= {"audio_tokens": audio_tokens[0, j], "audio": audio[0, j]}
             audio = {}
             if self.shares_audio:
-                present = [float(w.audio_present) for w in windows]
+                # float32, as ``encode_audio`` multiplies: under autocast the product is float32 there too
+                present = [torch.tensor(float(w.audio_present), device=device) for w in windows]
                 audio = {name: [torch.stack([s.features[name] for s in w.samples]) * heard
                                 for w, heard in zip(windows, present)] for name in ("audio_tokens", "audio")}
             elif "audio" in self.outputs:
