@@ -110,11 +110,10 @@ def _read_audio(reader: PacketReader, stream, lo: float, hi: float, sample_rate:
     zeroed, clipped = repair(mono)
     repaired[0] += zeroed
     repaired[1] += clipped
-    if first.time is not None and first.sample_rate == sample_rate:
-        return torch.from_numpy(mono), float(first.time)
-    fast = None if first.time is None else decimate(mono, first.sample_rate, sample_rate)
-    if fast is not None:  # libswresample's samples for a whole-number ratio, in about half the time
-        return torch.from_numpy(fast), float(first.time)
+    # the same rate needs nothing; a whole-number ratio gets libswresample's samples in about half the time
+    same = mono if first.sample_rate == sample_rate else decimate(mono, first.sample_rate, sample_rate)
+    if same is not None and first.time is not None:
+        return torch.from_numpy(same), float(first.time)
     signal = av.AudioFrame.from_ndarray(mono.reshape(1, -1), format="flt", layout="mono")
     signal.sample_rate, signal.pts, signal.time_base = first.sample_rate, first.pts, first.time_base
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)

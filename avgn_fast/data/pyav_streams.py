@@ -174,9 +174,7 @@ class PacketReader:
             except av.FFmpegError:
                 self.stats.packets_dropped += packet is not None
                 frames = []
-            for frame in frames:  # a plain loop: a generator expression per packet costs more than the test
-                if frame.pts is not None or frame.dts is not None:
-                    yield frame
+            yield from (frame for frame in frames if timestamp(frame) is not None)
             if packet is None:
                 return
 
