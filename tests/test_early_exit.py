@@ -8,7 +8,7 @@ from random_models import random_model
 from switches import SWITCHES, TINY
 from tolerances import tol
 
-from avgn_fast.engine.early_exit import GlanceEngine, Hook
+from avgn_fast.engine.early_exit import GlanceEngine, Hook, PatchTable
 from avgn_fast.engine.stages import random_inputs
 from avgn_fast.models.classifier import exit_steps
 
@@ -143,3 +143,67 @@ def test_never_exit_early_takes_every_step_even_with_a_calibrated_threshold(name
     assert model.glance(frames, mel, audio_present=present, exit_threshold=None).exit_step.tolist() == [k - 1] * BATCH
     with pytest.raises(ValueError, match="exit_threshold must be None"):
         model.glance(frames, mel, exit_threshold=1.5)
+
+
+def fresh_table(rows: int, channels: int) -> PatchTable:
+    """A table whose every row is NaN until the engine fills it (what it does not fill stays NaN)."""
+    return PatchTable(torch.full((rows, 2), float("nan")), torch.full((rows, channels), float("nan")))
+
+
+@pytest.mark.parametrize("threshold", ["spread", None], ids=["early-exit", "every-step"])
+def test_shared_patches_are_computed_once_read_back_and_charged_to_the_video_that_computed_them(threshold):
+    """Each video twice in one batch, both copies on the same rows of a ``PatchTable`` (a frame's patch is its
+    own: own audio): the results are ``model.glance``'s for both; the first copy computes and records each patch,
+    the second reads them and its GMACs leave out the local encoder of every step. A later call reads the filled
+    rows without running the local encoder, and a row altered after it was filled changes that video's result."""
+    config = TINY.replace(audio_clip_mean=False)
+    model = random_model(config, exits=True, live_audio=True)
+    frames, mel, present = inputs(config, seed=7)
+    if threshold == "spread":
+        threshold = spread_threshold(model.glance(frames, mel, audio_present=present).probs)
+    ref = model.glance(frames, mel, audio_present=present, exit_threshold=threshold)
+    t, channels = config.num_frames, model.local.out_channels
+    patch = next(r.gmacs for r in model.flops_table() if r.name == "local encoder")
+    steps = ref.exit_step + 1
+    slot = torch.arange(BATCH * t).view(BATCH, t)  # video i's frames on rows i·T + frame
+    table = fresh_table(BATCH * t, channels)
+    engine = GlanceEngine(model, device="cpu")
+    counter = LocalRows()
+    got = engine(torch.cat([frames, frames]), torch.cat([mel, mel]), torch.cat([present, present]),
+                 exit_threshold=threshold, patches=(table, torch.cat([slot, slot])), hook=counter)
+    assert sum(counter.rows) == int(steps.sum())  # every patch once
+    for half in (slice(0, BATCH), slice(BATCH, 2 * BATCH)):
+        assert got.exit_step[half].tolist() == ref.exit_step.tolist()
+        assert torch.equal(got.kept[half], ref.kept)
+        torch.testing.assert_close(got.final_logits[half], ref.final_logits, **tol(torch.float32))
+        torch.testing.assert_close(got.boxes[half], ref.boxes, **tol(torch.float32))
+    torch.testing.assert_close(got.gflops[:BATCH], ref.gflops)
+    torch.testing.assert_close(got.gflops[BATCH:], ref.gflops - patch * steps.float())
+    looked = {i * t + int(ref.kept[i, s]) for i in range(BATCH) for s in range(int(steps[i]))}
+    assert table.known == looked
+    filled = torch.zeros(BATCH * t, dtype=torch.bool)
+    filled[list(looked)] = True
+    assert not table.local[filled].isnan().any() and table.local[~filled].isnan().all()
+    i, s = 2, 0  # a recorded row holds the patch the model crops at its location, and its local features
+    row = i * t + int(ref.kept[i, s])
+    torch.testing.assert_close(model.boxes(table.locations[row]), ref.boxes[i, s], **tol(torch.float32))
+    patches = model.crop(frames[i:i + 1], ref.kept[i:i + 1, s:s + 1], table.locations[row].view(1, 1, 2))
+    torch.testing.assert_close(table.local[row], model.local(patches)[1][0], **tol(torch.float32))
+
+    counter = LocalRows()
+    again = engine(frames, mel, present, exit_threshold=threshold, patches=(table, slot), hook=counter)
+    assert counter.rows == []  # every step read its patch
+    torch.testing.assert_close(again.final_logits, ref.final_logits, **tol(torch.float32))
+    torch.testing.assert_close(again.gflops, ref.gflops - patch * steps.float())
+    table.local[row] = table.local[row].flip(0)  # (a constant shift would vanish in the layer norm)
+    altered = engine(frames, mel, present, exit_threshold=None, patches=(table, slot))
+    assert not torch.allclose(altered.logits[i, s], ref.logits[i, s], atol=1e-3)
+    others = [j for j in range(BATCH) if j != i]
+    whole = model.glance(frames, mel, audio_present=present, exit_threshold=None)
+    torch.testing.assert_close(altered.logits[others], whole.logits[others], **tol(torch.float32))
+
+    own = fresh_table(BATCH * t, channels)  # −1: no row, each video its own patch
+    alone = engine(frames, mel, present, exit_threshold=threshold, patches=(own, torch.full((BATCH, t), -1)))
+    torch.testing.assert_close(alone.final_logits, ref.final_logits, **tol(torch.float32))
+    torch.testing.assert_close(alone.gflops, ref.gflops)
+    assert not own.known and own.local.isnan().all()

@@ -189,37 +189,41 @@ class BatchPredictor:
             return [r for path in paths for r in self.decode([path])]
 
     def classify(self, names: list[str | None], clips: list, *, start: int = 0, explain_dir=None,
-                 glance: list[dict] | None = None) -> list[Prediction]:
+                 glance: list[dict] | None = None, patches: tuple | None = None) -> list[Prediction]:
         """One Prediction per entry of ``clips``: a Clip is classified; an exception, or an error line
         (``str``) from a decode elsewhere, becomes that input's error. ``names`` are the inputs' paths
         (None for a Clip given as input: its own ``path`` is used). Explanations go to ``explain_dir``
         when given, numbered from ``start``. ``glance``, one entry per clip: its glance features computed
-        before (the glance stage's outputs, each (T, ...)), which the engine then uses instead of the stage."""
+        before (the glance stage's outputs, each (T, ...)), which the engine then uses instead of the stage.
+        ``patches``: an ``engine.early_exit.PatchTable`` and, per clip, its frames' rows of it (T,) int64, whose
+        patches the clips share (``GlanceEngine``'s ``patches``)."""
         out = [None if isinstance(c, Clip) else Prediction(path=names[i], error=c if isinstance(c, str) else
                                                            error_line(names[i], c))
                for i, c in enumerate(clips)]
         good = [i for i, c in enumerate(clips) if isinstance(c, Clip)]
         predicted = self._predict_clips([clips[i] for i in good], [names[i] or clips[i].path for i in good],
-                                        None if glance is None else [glance[i] for i in good])
+                                        None if glance is None else [glance[i] for i in good],
+                                        None if patches is None else (patches[0], [patches[1][i] for i in good]))
         for i, pred in zip(good, predicted):
             if explain_dir is not None and pred.ok:
                 pred = self._explain(explain_dir, clips[i], pred, start + i)
             out[i] = pred
         return out
 
-    def _predict_clips(self, clips: list[Clip], paths: list[str | None], glance: list[dict] | None = None
-                       ) -> list[Prediction]:
+    def _predict_clips(self, clips: list[Clip], paths: list[str | None], glance: list[dict] | None = None,
+                       patches: tuple | None = None) -> list[Prediction]:
         """Clips run as one batch; if that fails, each clip alone, so only the culprit gets the error."""
         if not clips:
             return []
         try:
-            result = self._run(clips, glance)
+            result = self._run(clips, glance, patches)
             return [self._prediction(path, clip, result, j) for j, (path, clip) in enumerate(zip(paths, clips))]
         except Exception as e:
             if len(clips) == 1:
                 return [Prediction(path=paths[0], error=error_line(paths[0], e))]
             return [p for j, (clip, path) in enumerate(zip(clips, paths))
-                    for p in self._predict_clips([clip], [path], None if glance is None else [glance[j]])]
+                    for p in self._predict_clips([clip], [path], None if glance is None else [glance[j]],
+                                                 None if patches is None else (patches[0], [patches[1][j]]))]
 
     @staticmethod
     def _explain(explain_dir, clip: Clip, pred: Prediction, index: int) -> Prediction:
@@ -233,13 +237,15 @@ class BatchPredictor:
             return dataclasses.replace(pred, error=error_line(pred.path, e, stage="explanation"))
 
     @torch.inference_mode()
-    def _run(self, clips: list[Clip], glance: list[dict] | None = None):
+    def _run(self, clips: list[Clip], glance: list[dict] | None = None, patches: tuple | None = None):
         frames = torch.stack([c.frames for c in clips]).to(self.device, non_blocking=True)
         mel = torch.stack([c.mel for c in clips]).to(self.device, torch.float32, non_blocking=True)
         present = torch.tensor([c.audio_present for c in clips], device=self.device)
         if glance is not None:
             glance = {name: torch.stack([g[name] for g in glance]).to(self.device) for name in glance[0]}
-        return self.engine(frames, mel, present, exit_threshold=self.exit_threshold, glance=glance)
+        if patches is not None:
+            patches = (patches[0], torch.stack(patches[1]).to(self.device))
+        return self.engine(frames, mel, present, exit_threshold=self.exit_threshold, glance=glance, patches=patches)
 
     def _prediction(self, path, clip: Clip, result, j: int) -> Prediction:
         probs = result.final_logits[j].float().softmax(-1).cpu()

@@ -13,6 +13,11 @@ videos still in; those whose top probability passes τ leave the batch. Logits a
 the steps a video did not take are NaN; its GMACs count the steps it took (``model.cost()``).
 An exported folder (``engine.runtime.ExportedModel``) runs the same way: its stage files take the
 place of the compiled stages.
+
+Overlapping windows of one source hold the same frames. Where a frame's patch is a function of that
+frame alone (``engine.stream``), a ``PatchTable`` lets them share it: the first video to take a step on
+the frame crops its patch and runs the local encoder, later steps on the same frame (in this batch or in
+a later call) reuse the location and local features, and their GMACs leave that video's count.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +41,17 @@ log = logging.getLogger(__name__)
 
 STAGE_NAMES = STAGES  # what the engine calls, in pipeline order
 EAGER_STAGES = ("crop",)  # a fused op, run as it is: its inputs are not batch-aligned, so never padded
+
+
+@dataclass
+class PatchTable:
+    """Patches shared by the videos that hold the same frame: row r holds one frame's patch location (2,) in
+    [0, 1]² and its local features (C_local,); the rows in ``known`` are filled. ``GlanceEngine`` fills a row
+    the first time a step takes its frame, and reads it every later time."""
+
+    locations: torch.Tensor
+    local: torch.Tensor
+    known: set[int] = field(default_factory=set)
 
 
 class Hook:
@@ -96,13 +113,16 @@ class GlanceEngine:
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor, mel: torch.Tensor, audio_present: torch.Tensor | None = None, *,
                  exit_threshold: float | None | str = FROM_CHECKPOINT, hook: Hook | None = None,
-                 glance: dict[str, torch.Tensor] | None = None) -> GlanceResult:
+                 glance: dict[str, torch.Tensor] | None = None,
+                 patches: tuple[PatchTable, torch.Tensor] | None = None) -> GlanceResult:
         """Classify a batch: frames uint8 (B, T, 3, S, S), mel (B, T, n_mels, n_steps), audio_present (B,) bool.
 
         ``exit_threshold``: τ; None: never exit early (every video takes every step); ``FROM_CHECKPOINT``
         (the default): the model's ``config.exit_threshold``. ``glance``: the glance stage's outputs for
         this batch, computed before (overlapping windows of a long video share their frames' features,
-        ``engine.stream``); the stage is then not run.
+        ``engine.stream``); the stage is then not run. ``patches``: a ``PatchTable`` and each video's row
+        of it for each of its T frames (B, T) int64 (−1: its own); the videos then run step by step (as with
+        an exit threshold) and share the patches of the frames the table holds.
         """
         model, hook = self.model, hook or Hook()
         run = self.runner(hook)
@@ -113,7 +133,7 @@ class GlanceEngine:
                 return dict(glance) if name == "glance" else staged(name, env)
         threshold = exit_threshold_of(model.config, exit_threshold)
         b, c = frames.shape[0], model.config.num_classes
-        if threshold is None or self.k == 1:
+        if patches is None and (threshold is None or self.k == 1):
             out = model(frames, mel, audio_present, k=self.k, run=run)
             logits = out.logits.float()
             exit_step = torch.full((b,), self.k - 1, dtype=torch.int64, device=frames.device)
@@ -124,9 +144,12 @@ class GlanceEngine:
             logits = torch.full((b, self.k, c), math.nan, device=frames.device)
             final = torch.full((b, c), math.nan, device=frames.device)
             exit_step = torch.full((b,), self.k - 1, dtype=torch.int64, device=frames.device)
-            self._step_by_step(env, threshold, run, logits, final, exit_step)
+            reused = torch.zeros(b, dtype=torch.int64, device=frames.device)
+            self._step_by_step(env, threshold, run, logits, final, exit_step, patches, reused)
             saliency, kept, boxes = env["saliency"], env["kept"], model.boxes(env["locations"])
         gflops = model.cost().gmacs(exit_step + 1).to(frames.device)
+        if patches is not None:  # a shared patch cost the video that computed it, not the ones that reused it
+            gflops = gflops - reused * next(r.gmacs for r in model.flops_table() if r.name == "local encoder")
         return GlanceResult(logits, logits.softmax(-1), exit_step, final, saliency, kept, boxes, gflops)
 
     def runner(self, hook: Hook) -> RunStage:
@@ -142,10 +165,12 @@ class GlanceEngine:
 
         return run
 
-    def _step_by_step(self, env: dict, threshold: float, run: RunStage, logits, final, exit_step) -> None:
+    def _step_by_step(self, env: dict, threshold: float | None, run: RunStage, logits, final, exit_step,
+                      patches: tuple[PatchTable, torch.Tensor] | None = None, reused=None) -> None:
         """Steps in saliency order; after each, the videos whose top probability reaches ``threshold`` leave.
 
-        Fills ``logits`` at the steps taken, ``final`` and ``exit_step`` (the last step for videos never confident).
+        Fills ``logits`` at the steps taken, ``final`` and ``exit_step`` (the last step for videos never confident),
+        and with ``patches``, ``reused`` (B,): the steps each video took on a patch of the table.
         """
         frames, steps = env["frames"], self.k
         per_video = {name: env[name] for name in ("audio", "visual") if name in env}  # what the step head reads
@@ -156,8 +181,11 @@ class GlanceEngine:
             now.update(frames=frames, rows=active, kept=env["kept"][active, step:step + 1],
                        locations=env["locations"][active, step:step + 1], running=running,
                        step=torch.tensor(step, device=frames.device))
-            now.update(run("crop", now))
-            now["local"] = run("local", now)["local"][:, None]  # (n, 1 step, C_local)
+            if patches is None:
+                now.update(run("crop", now))
+                now["local"] = run("local", now)["local"][:, None]  # (n, 1 step, C_local)
+            else:
+                now["local"] = self._shared_step(run, now, *patches, env["locations"], step, reused)[:, None]
             out = run("step_head", now)
             step_logits = logits[active, step] = out["logits"].float()
             done = confident(step_logits.softmax(-1), threshold) | (step == steps - 1)
@@ -166,3 +194,39 @@ class GlanceEngine:
             active, running = active[~done], out["next_running"][~done]
             if not active.numel():
                 return
+
+    @staticmethod
+    def _shared_step(run: RunStage, now: dict, table: PatchTable, slot: torch.Tensor, locations: torch.Tensor,
+                     step: int, reused: torch.Tensor) -> torch.Tensor:
+        """Local features (n, C_local) of this step's patches for the videos ``now["rows"]``: a frame's row of
+        ``table`` where it is filled (its location then replaces the one in ``locations`` (B, K, 2), and the
+        video's ``reused`` count goes up), else the patch cropped and encoded, once per row, and recorded."""
+        rows = now["rows"]
+        slots = slot[rows, now["kept"][:, 0]].tolist()
+        compute, first = [], {}  # the videos that compute their patch; the first video for each table row
+        for i, s in enumerate(slots):
+            if s < 0 or (s not in table.known and s not in first):
+                first[s] = len(compute)
+                compute.append(i)
+        out = table.local.new_empty((len(slots), table.local.shape[1]))
+        if compute:
+            part = torch.tensor(compute, device=rows.device)
+            mine = {**now, "rows": rows[part], "kept": now["kept"][part], "locations": now["locations"][part]}
+            mine.update(run("crop", mine))
+            computed = run("local", mine)["local"].to(out.dtype)
+            out[part] = computed
+            new = [(s, j) for s, j in first.items() if s >= 0]
+            if new:
+                at, of = (torch.tensor(x, device=rows.device) for x in zip(*new))
+                table.local[at] = computed[of]
+                table.locations[at] = mine["locations"][of, 0].to(table.locations.dtype)
+                table.known.update(s for s, _ in new)
+        own = set(compute)
+        taken = [i for i in range(len(slots)) if i not in own]
+        if taken:
+            part = torch.tensor(taken, device=rows.device)
+            at = torch.tensor([slots[i] for i in taken], device=rows.device)
+            out[part] = table.local[at]
+            locations[rows[part], step] = table.locations[at].to(locations.dtype)
+            reused[rows[part]] += 1
+        return out

@@ -4,8 +4,10 @@
 route runs (``BatchPredictor.classify``): the visual glance encoder runs once per sampled frame, the
 first time a window holds it, and every later window that holds the frame reuses its features; so does
 the audio encoder when the model encodes each frame's audio on its own (``audio_clip_mean=False``; by
-default its spectral normalization spans the window). The rest of the model (AV-TeST over the window's
-T frames, AESPA, patches, local encoder, classifier) runs per window. ``predict_windows``
+default its spectral normalization spans the window). A frame's patch is then a function of the frame
+(and whether its window has sound) alone, so the windows that take a step on the same frame share its
+patch location and local features too (``early_exit.PatchTable``). The rest (AV-TeST over the window's T
+frames, AESPA, the classifier) runs per window. ``predict_windows``
 reads files one after another in a background thread (``data.sequential``: front to back, no seek)
 while the model classifies the windows already complete, batched across windows; ``engine.live.stream``
 does the same for live sources with the same pieces (``source_windows``, ``batches``, ``WindowRunner``).
@@ -38,8 +40,8 @@ _END_SLACK_S = 1e-3
 class WindowRunner:
     """Classifies batches of complete windows with a ``BatchPredictor`` (its model, engine and settings).
 
-    ``gmacs_saved`` counts the glance-encoder GMACs that shared features spared, ``gmacs_spent`` what the
-    windows cost; their sum is what classifying every window as its own clip would have cost.
+    ``gmacs_saved`` counts the GMACs that shared features and patches spared, ``gmacs_spent`` what the windows
+    cost; their sum is what classifying every window as its own clip would have cost.
     """
 
     def __init__(self, batch: BatchPredictor):
@@ -55,6 +57,10 @@ class WindowRunner:
         shared = ("visual glance encoder", "audio encoder") if self.shares_audio else ("visual glance encoder",)
         self.frame_gmacs = sum(row.gmacs for row in self.model.flops_table() if row.name in shared) if self.shares \
             else 0.0
+        # a patch is the frame's own when AESPA reads nothing of the window: own audio (or none), no random draw
+        self.shares_patches = (self.shares and self.model.local is not None and self.model.config.spatial != "random"
+                               and (self.shares_audio or "audio" not in self.outputs))
+        self.cost = self.model.cost() if self.shares else None
         self.gmacs_spent = self.gmacs_saved = 0.0
 
     def __call__(self, windows: list[Window]) -> list[WindowPrediction]:
@@ -68,17 +74,26 @@ class WindowRunner:
             except Exception as e:  # this window's error row (``classify`` takes the exception)
                 clips.append(e)
         glance, fresh = None, [len(w.samples) for w in windows]  # without shared features: each computes its own
+        patches = None
         if self.shares:
             # one window's bad input must not end the run: without shared features ``classify`` isolates it per clip
             with contextlib.suppress(Exception):
                 glance, fresh = self._glance(windows)
-        preds = self.batch.classify([w.source for w in windows], clips, glance=glance)
+                patches = self._patch_table(windows) if self.shares_patches else None
+        preds = self.batch.classify([w.source for w in windows], clips, glance=glance,
+                                    patches=None if patches is None else patches[:2])
+        if patches is not None:
+            self._keep_patches(*patches)
         now = time.monotonic()
         rows = []
         for w, pred, new in zip(windows, preds, fresh):
-            saved = self.frame_gmacs * (len(w.samples) - new) if pred.gflops is not None else 0.0
-            gflops = None if pred.gflops is None else pred.gflops - saved
-            self.gmacs_saved += saved
+            gflops = saved = None
+            if pred.gflops is not None:  # the engine's count leaves out reused patches; the full cost has them
+                frames_saved = self.frame_gmacs * (len(w.samples) - new)
+                gflops = pred.gflops - frames_saved
+                full = self.cost.per_video + self.cost.per_step * (pred.exit_step + 1) if self.cost else pred.gflops
+                saved = frames_saved + full - pred.gflops
+            self.gmacs_saved += saved or 0.0
             self.gmacs_spent += gflops or 0.0
             rows.append(window_row(pred, w, gflops=gflops, latency_ms=round((now - w.ready) * 1000, 2)))
         return rows
@@ -126,6 +141,40 @@ class WindowRunner:
                         if name in self.outputs}
             glance.append(features | {name: x[b] for name, x in audio.items()})
         return glance, fresh
+
+
+    def _patch_table(self, windows: list[Window]) -> tuple:
+        """A ``PatchTable`` with one row per (sample, window has sound) among ``windows``, filled where a sample kept
+        its patch from an earlier batch; each window's rows (T,); the samples and flags of the rows."""
+        from avgn_fast.engine.early_exit import PatchTable
+
+        index, owners, slots = {}, [], []
+        for w in windows:
+            for s in w.samples:
+                key = (id(s), w.audio_present)
+                if key not in index:
+                    index[key] = len(owners)
+                    owners.append((s, w.audio_present))
+            slots.append(torch.tensor([index[(id(s), w.audio_present)] for s in w.samples]))
+        device = self.batch.device
+        table = PatchTable(torch.zeros((len(owners), 2), device=device),
+                           torch.zeros((len(owners), self.model.local.out_channels), device=device,
+                                       dtype=self.batch.dtype))
+        had = [(r, s.features[("patch", heard)]) for r, (s, heard) in enumerate(owners)
+               if ("patch", heard) in s.features]
+        if had:
+            at = torch.tensor([r for r, _ in had], device=device)
+            table.locations[at] = torch.stack([x[0] for _, x in had])
+            table.local[at] = torch.stack([x[1] for _, x in had])
+            table.known.update(r for r, _ in had)
+        return table, slots, owners, set(table.known)
+
+    @staticmethod
+    def _keep_patches(table, slots, owners: list, had: set) -> None:
+        """Each patch the batch computed, kept with its sample for the windows still to come."""
+        for r in sorted(table.known - had):
+            s, heard = owners[r]
+            s.features[("patch", heard)] = (table.locations[r], table.local[r])
 
 
 def window_clip(w: Window, resize_shorter: int) -> Clip:
