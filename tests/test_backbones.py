@@ -247,6 +247,27 @@ def test_checkpoint_round_trip(tmp_path, factory, kwargs, wrap):
             assert torch.equal(got, want)
 
 
+def test_encoders_of_an_avgn_checkpoint_load_by_part(tmp_path):
+    """``--init-local`` / ``--init-visual`` given a trained AVGN: its local / visual glance encoder's weights."""
+    from avgn_fast.config import AVGNConfig
+    from avgn_fast.models.avgn import AVGN
+
+    avgn = AVGN(AVGNConfig.from_name("tiny"))
+    _randomize(avgn.local, seed=2)
+    _randomize(avgn.visual, seed=3)
+    path = tmp_path / "best.pt"
+    torch.save({"format": "avgn_fast", "state_dict": avgn.state_dict()}, path)
+    for part, fresh in (("local", resnet18(width=16, num_classes=0)), ("visual", mobilenet_v2(width_mult=0.25,
+                                                                                              num_classes=0))):
+        loaded = load_pretrained(fresh, path, part=part).state_dict()
+        source = getattr(avgn, part).state_dict()
+        assert loaded.keys() == source.keys()
+        for k, v in source.items():
+            assert torch.equal(loaded[k], v), (part, k)
+    with pytest.raises(ValueError, match="missing keys"):  # without the part nothing matches
+        load_pretrained(resnet18(width=16, num_classes=0), path)
+
+
 def test_head_dropped_for_headless_model(tmp_path):
     source = _randomize(resnet18(width=16, num_classes=1000))
     path = tmp_path / "with_head.pth"

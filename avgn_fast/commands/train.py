@@ -148,10 +148,12 @@ def add_arguments(parser) -> None:
                         help="fine-tune: start from this AVGN checkpoint (its architecture; classes matched by name, "
                         "new classes start fresh)")
     parser.add_argument("--init-visual", default=None, metavar="PATH|imagenet",
-                        help="torchvision-format MobileNetV2 weights for the visual glance encoder, or 'imagenet' "
-                        "for torchvision's (downloaded once; full-width models only)")
+                        help="torchvision-format MobileNetV2 weights for the visual glance encoder, an AVGN "
+                        "checkpoint (its visual glance encoder), or 'imagenet' for torchvision's (downloaded once; "
+                        "full-width models only)")
     parser.add_argument("--init-local", default=None, metavar="PATH|imagenet",
-                        help="torchvision-format ResNet weights for the local encoder, or 'imagenet'")
+                        help="torchvision-format ResNet weights for the local encoder, an AVGN checkpoint (its local "
+                        "encoder: e.g. a dense baseline that starts from a trained AVGN's), or 'imagenet'")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     parser.add_argument("--train-split", default="train", help="split used for training; default: train")
     parser.add_argument("--val-split", default="val",
@@ -230,11 +232,11 @@ def main(data, out, config: str | None = None, epochs: int | None = None, set: S
     if init_visual is not None and not resume:
         if model.visual is None:
             raise ValueError("--init-visual given but this configuration has no visual glance encoder")
-        load_pretrained(model.visual, init_visual)
+        load_pretrained(model.visual, init_visual, part="visual")
     if init_local is not None and not resume:
         if model.local is None:
             raise ValueError("--init-local given but this configuration has no local encoder (audio-only)")
-        load_pretrained(model.local, init_local)
+        load_pretrained(model.local, init_local, part="local")
     if init is not None and not resume:
         moved = init_from_checkpoint(model, train_set.classes, init, loaded=start)
         del start  # its weights are in the model now

@@ -238,14 +238,16 @@ def _listing(keys, limit: int = 8) -> str:
 
 
 def load_pretrained(model: MobileNetV2 | ResNet, path_or_state_dict: str | os.PathLike | Mapping, *,
-                    strict: bool = True) -> MobileNetV2 | ResNet:
+                    strict: bool = True, part: str | None = None) -> MobileNetV2 | ResNet:
     """Load a torchvision-format checkpoint into ``model`` in place and return it.
 
     Accepts a file path, a state_dict, or ``"imagenet"``: torchvision's ImageNet weights for the
     model's architecture (``IMAGENET_URLS``), downloaded once into torch.hub's cache
     (``$TORCH_HOME/hub/checkpoints``) and checked against the hash in their file name; they fit
     only the full-width models (``glance_width=1``, ``local_width=64``, as in the paper config).
-    A dict holding the state_dict under ``state_dict`` or ``model`` is unwrapped. Head keys are
+    A dict holding the state_dict under ``state_dict`` or ``model`` is unwrapped; when its keys hold a
+    ``part`` (an AVGN checkpoint: ``part="local"`` for its local encoder, ``"visual"`` for its visual glance
+    encoder), that submodule's keys are taken. Head keys are
     dropped when the model has no head; BN ``num_batches_tracked`` counters absent from old
     checkpoints keep the model's value. Any other missing or unexpected key (only when ``strict``)
     or any shape mismatch raises ``ValueError`` naming the source and the keys.
@@ -266,6 +268,9 @@ def load_pretrained(model: MobileNetV2 | ResNet, path_or_state_dict: str | os.Pa
             state = state[wrapper]
     if not isinstance(state, Mapping):
         raise ValueError(f"{source}: expected a state_dict, got {type(state).__name__}")
+    prefix = f"{part}."
+    if part is not None and any(isinstance(k, str) and k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
 
     own = model.state_dict()
     has_head = any(key.startswith(model.head_prefix) for key in own)
