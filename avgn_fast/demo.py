@@ -6,13 +6,16 @@ interrupted one resumes from its ``last.pt``). Layout::
 
     avgn_runs/cache/                  decoded clips, shared by every size
     avgn_runs/<size>/avsynth/         videos/, labels.csv, README.md
-    avgn_runs/<size>/runs/<method>/   best.pt, last.pt (with the per-epoch history and the run's summary)
+    avgn_runs/<size>/runs/<method>/   best.pt, last.pt (with the per-epoch history and the run's summary),
+                                      init.json (the run whose encoders it started from, if any)
     avgn_runs/<size>/runs/<method>-seed<i>/   the same method trained with seed i (``seeds`` > 1)
     avgn_runs/<size>/pareto/          pareto.csv, pareto.json, pareto.md, pareto.png, curves.png (validation),
                                       calibration.md, calibration.json (early exit chosen on val, checked on test)
 
 Every method trains with one recipe (``METHOD_SETTINGS`` changes a setting where a method measurably trains
-better with another: the dense baseline's learning rate), until its validation top-1 plateaus
+better with another: the dense baseline's learning rate), the baselines that look at frames starting their
+encoders from the AVGN run of their seed (``METHOD_INIT``: as every method of the paper starts from ImageNet
+weights; AVGN and audio-only start from scratch), until its validation top-1 plateaus
 (``DemoSize.patience``, at most ``DemoSize.epochs`` joint epochs; a run still at chance has no plateau and trains
 on), or a fixed count where the size says so (``quick``). Each run's early-exit threshold is then chosen on val
 as ``avgn-fast calibrate`` chooses it and checked on test (``calibration.md``). With several seeds, the table
@@ -27,12 +30,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from avgn_fast import pareto
 from avgn_fast.config import AVGNConfig
+from avgn_fast.demo_jobs import (
+    DEAREST_FIRST,
+    TrainJob,
+    load_split,
+    progress_of,
+    run_record,
+    total_epochs,
+    train_job,
+    train_parallel,
+    training_order,
+)
 from avgn_fast.demo_report import (
     CALIBRATION_MARGIN,
     calibrate_runs,
@@ -41,9 +54,6 @@ from avgn_fast.demo_report import (
     write_calibration,
     write_curves,
 )
-
-if TYPE_CHECKING:
-    from avgn_fast.training.trainer import TrainSettings
 
 # (run folder, config overrides): AVGN and the baselines of the Pareto claim, all trained the same way
 METHODS = (
@@ -57,11 +67,11 @@ METHODS = (
 # at lr 2e-3 the dense baseline memorizes its training videos (train top-1 30 %) with validation still at chance
 # after 19 joint epochs; at 5e-4 validation leaves chance (27 % after 9, train 74 %)
 METHOD_SETTINGS = {"dense": {"lr": 5e-4}}
-# training processes take the dearest runs first. Measured per epoch on 1,100 videos, two processes side by side
-# (2026-12-06): dense ~53 s, AVGN ~35 s (its warm-up epochs cheaper), visual-only ~33 s, uniform+centre ~24 s,
-# audio-only ~13 s. AVGN reaches its plateau in about 16 epochs, while a run that stays at chance trains to the cap,
-# so the baselines that may never learn come first
-DEAREST_FIRST = ("dense", "visual-only", "uniform-centre", "avgn", "audio-only")
+# the encoders each baseline starts from: those of the AVGN run of its seed (``INIT_FROM``), as the paper's methods
+# all start from ImageNet weights. From scratch, neither dense nor the visual-only glance learned to read a glyph
+# (README: validation at chance over 28 epochs on two seeds of three); dense from AVGN's local encoder reached 87.5 %
+METHOD_INIT = {"dense": ("local",), "visual-only": ("visual", "local"), "uniform-centre": ("visual", "local")}
+INIT_FROM = "avgn"
 
 
 @dataclass(frozen=True)
@@ -123,144 +133,8 @@ class DemoResult:
     calibration: list[dict] = field(default_factory=list)  # per training run: ``calibrate_runs``' row
 
 
-@dataclass(frozen=True)
-class _TrainJob:
-    """One method to train (picklable: it may run in a worker process)."""
-
-    slug: str  # the run folder's name: the method's, with ``-seed<i>`` for the seeds after the first
-    method: str  # the method's slug in ``METHODS``
-    config: AVGNConfig
-    run_dir: Path
-    data: Path
-    cache_dir: Path
-    settings: TrainSettings
-    classes: tuple[str, ...]
-    done: int  # epochs an earlier run finished (> 0: resume from its last.pt)
-    device: str
-
-
 def _video_count(folder: Path) -> int:
     return sum(1 for _ in (folder / "videos").glob("*.*")) if (folder / "videos").is_dir() else 0
-
-
-def _total_epochs(config: AVGNConfig, settings: TrainSettings) -> int:
-    """Epochs ``fit`` runs for ``config`` (``TrainSettings.stages``)."""
-    return len(settings.stages(config))
-
-
-def _progress(run_dir: Path, config: AVGNConfig, settings: TrainSettings) -> tuple[int, bool]:
-    """(epochs an earlier run of ``config`` finished in ``run_dir``, whether it is complete): complete once it has
-    run every epoch of its stages or its validation curve has plateaued. (0, False) when there is none to
-    continue; a run with another recipe (any setting but the number of joint epochs) is not continued.
-    """
-    from avgn_fast.checkpoint import load_checkpoint
-    from avgn_fast.training.runs import plateaued
-
-    last = run_dir / "last.pt"
-    if not last.is_file():
-        return 0, False
-    try:
-        state = load_checkpoint(last)
-    except ValueError:  # a damaged file: train again
-        return 0, False
-    if state.model.config != config or state.train_state is None:
-        return 0, False
-    recipe = {k: v for k, v in settings.as_dict().items() if k != "epochs"}
-    saved = {k: v for k, v in state.train_state.get("settings", {}).items() if k != "epochs"}
-    if saved != recipe:
-        return 0, False
-    history = state.train_state["history"]
-    curve = [record["val_top1"] for record in history if "val_top1" in record]
-    floor = state.train_state.get("summary", {}).get("chance_floor", 0.0)
-    stopped = settings.patience is not None and plateaued(curve, settings.patience, floor)
-    return len(history), stopped or len(history) >= _total_epochs(config, settings)
-
-
-def _run_record(run_dir: Path, method: str, seed: int) -> dict:
-    """A finished run's method, seed and folder with its ``run_summary`` (from its last.pt)."""
-    from avgn_fast.checkpoint import load_checkpoint
-
-    summary = load_checkpoint(run_dir / "last.pt").train_state.get("summary", {})
-    return {"method": method, "seed": seed, "run": str(run_dir), **summary}
-
-
-def _load_split(data: Path, config: AVGNConfig, split: str, cache_dir: Path, progress: bool = False):
-    """A split as an in-memory ``TensorSource`` (the tiny demo clips fit), decoding what the cache lacks.
-
-    Returns (source, class names, files decoded).
-    """
-    from tqdm import tqdm
-
-    from avgn_fast.data.folder import FolderDataset
-    from avgn_fast.training.trainer import FolderSource, TensorSource
-
-    dataset = FolderDataset(data, config, split=split, cache_dir=cache_dir)
-    failed = dataset.decode_all(progress=lambda b: tqdm(b, desc=f"decode {split}", unit="batch", disable=not progress))
-    if failed:
-        raise ValueError(f"{data}: {len(failed)} AVSynth files failed to decode, e.g. {failed[0]}")
-    source = TensorSource(*FolderSource(dataset).batch(torch.arange(len(dataset))))
-    return source, dataset.classes, dataset.decodes
-
-
-def _train(job: _TrainJob, sources: dict | None, progress: bool, log: Callable[[str], None]) -> None:
-    from avgn_fast.models.avgn import AVGN
-    from avgn_fast.training.trainer import fit
-
-    if sources is None:
-        sources = {split: _load_split(job.data, job.config, split, job.cache_dir)[0] for split in ("train", "val")}
-    torch.manual_seed(job.settings.seed)
-    model = AVGN(job.config).to(job.device)
-    fit(model, sources["train"], sources["val"], settings=job.settings, class_names=list(job.classes),
-        out_dir=job.run_dir, resume=job.done > 0, progress=progress, log=log)
-
-
-_QUEUE = None  # a worker process's queue to the parent, for per-epoch progress
-
-
-def _init_worker(queue, threads: int | None) -> None:
-    global _QUEUE
-    _QUEUE = queue
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
-def _train_in_worker(job: _TrainJob) -> str:
-    _train(job, None, False, lambda line: _QUEUE.put((job.slug, line)))
-    return job.slug
-
-
-def _train_parallel(jobs: list[_TrainJob], *, workers: int, threads: int | None, progress: bool,
-                    log: Callable[[str], None]) -> None:
-    """Train ``jobs`` in ``workers`` processes (dearest first); one bar advancing per finished epoch."""
-    import multiprocessing
-    import queue as queues
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    from tqdm import tqdm
-
-    context = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP state
-    channel = context.Queue()
-    remaining = sum(_total_epochs(job.config, job.settings) - job.done for job in jobs)  # at most: plateaus stop
-    with tqdm(total=remaining, desc=f"train ({workers} processes)", unit="epoch", disable=not progress) as bar, \
-            ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                initargs=(channel, threads)) as pool:
-        def drain(timeout: float) -> None:
-            while True:
-                try:
-                    slug, line = channel.get(timeout=timeout)
-                except queues.Empty:
-                    return
-                bar.update(line.startswith("epoch="))
-                (bar.write if progress else log)(f"  {slug}: {line}")
-
-        order = sorted(jobs, key=lambda job: DEAREST_FIRST.index(job.method))
-        pending = {pool.submit(_train_in_worker, job) for job in order}
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            drain(0.01)
-            for future in done:
-                future.result()  # a failed run raises here
-        drain(0.5)
 
 
 def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str = "auto", threads: int | None = 1,
@@ -278,6 +152,7 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
 
     from avgn_fast.data import synth
     from avgn_fast.engine.predictor import resolve_device
+    from avgn_fast.models.avgn import AVGN
     from avgn_fast.training.trainer import TrainSettings
 
     if seeds < 1:
@@ -304,7 +179,7 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
         clock = time.perf_counter()
         sources, classes = {}, []
         for split in ("train", "val"):
-            sources[split], classes, count = _load_split(data, base, split, root / "cache", progress)
+            sources[split], classes, count = load_split(data, base, split, root / "cache", progress)
             decoded += count
         seconds["decode"] = time.perf_counter() - clock
 
@@ -326,24 +201,28 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
                 checkpoints.append(run_dir / "best.pt")
                 run_seeds.append(settings.seed)
                 runs.append((run_dir, method, settings.seed))
-                done, complete = _progress(run_dir, config, settings)
+                parts = tuple(p for p in METHOD_INIT.get(method, ()) if getattr(AVGN(config), p) is not None)
+                init_from = here / "runs" / (INIT_FROM if index == 0 else f"{INIT_FROM}-seed{index}") if parts else None
+                job = TrainJob(slug, method, config, run_dir, data, root / "cache", settings, tuple(classes), 0,
+                               str(dev), init_from, parts)
+                done, complete = progress_of(run_dir, config, settings, job.init_record())
                 if complete and (run_dir / "best.pt").is_file():
                     log(f"demo: {slug}: reusing {run_dir / 'best.pt'}")
                     continue
-                total = _total_epochs(config, settings)
+                total = total_epochs(config, settings)
                 stop = f"until validation plateaus, at most {total}" if settings.patience else str(total)
                 own = "".join(f", {k}={v:g}" for k, v in METHOD_SETTINGS.get(method, {}).items())
-                log(f"demo: training {slug} ({pareto.method_name(config)}, seed {settings.seed}{own}), {stop} epochs "
-                    f"on {len(sources['train'])} videos" + (f", resuming after epoch {done}" if done else ""))
-                jobs.append(_TrainJob(slug, method, config, run_dir, data, root / "cache", settings, tuple(classes),
-                                      done, str(dev)))
+                start = f", {' and '.join(parts)} encoders from {init_from.name}" if parts else ""
+                log(f"demo: training {slug} ({pareto.method_name(config)}, seed {settings.seed}{own}{start}), {stop} "
+                    f"epochs on {len(sources['train'])} videos" + (f", resuming after epoch {done}" if done else ""))
+                jobs.append(dataclasses.replace(job, done=done))
         if min(workers, len(jobs)) > 1:
-            _train_parallel(jobs, workers=min(workers, len(jobs)), threads=threads, progress=progress, log=log)
+            train_parallel(jobs, workers=min(workers, len(jobs)), threads=threads, progress=progress, log=log)
         else:
-            for job in jobs:
-                _train(job, sources, progress, lambda line, s=job.slug: log(f"  {s}: {line}"))
+            for job in training_order(jobs):
+                train_job(job, sources, progress, lambda line, s=job.slug: log(f"  {s}: {line}"))
         trained = [job.slug for job in jobs]
-        records = [_run_record(run_dir, method, seed) for run_dir, method, seed in runs]
+        records = [run_record(run_dir, method, seed) for run_dir, method, seed in runs]
         seconds["train"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -357,7 +236,7 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
         seconds["sweep"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        test = _load_split(data, base, "test", root / "cache")[0]  # decoded by the sweep: from the cache
+        test = load_split(data, base, "test", root / "cache")[0]  # decoded by the sweep: from the cache
         calibration = calibrate_runs(runs, sources["val"], test, device=dev, progress=progress)
         paths.update(write_calibration(calibration, here / "pareto", caveat=size.caveat))
         seconds["calibrate"] = time.perf_counter() - clock
@@ -382,6 +261,6 @@ def summary(demo: DemoResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CALIBRATION_MARGIN", "DEAREST_FIRST", "METHODS", "METHOD_SETTINGS", "SIZES", "DemoResult", "DemoSize",
-           "calibrate_runs", "calibration_table", "run_demo", "summary", "training_table", "write_calibration",
-           "write_curves"]
+__all__ = ["CALIBRATION_MARGIN", "DEAREST_FIRST", "INIT_FROM", "METHODS", "METHOD_INIT", "METHOD_SETTINGS", "SIZES",
+           "DemoResult", "DemoSize", "calibrate_runs", "calibration_table", "run_demo", "summary", "training_table",
+           "write_calibration", "write_curves"]

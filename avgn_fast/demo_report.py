@@ -79,16 +79,19 @@ def write_calibration(rows: list[dict], out_dir, *, caveat: str = "") -> dict[st
 
 
 def training_table(runs: list[dict]) -> str:
-    """One row per training run: method, seed, epochs (joint ones), how it stopped (and whether its validation
-    top-1 never rose above chance), best validation top-1 and its epoch, wall time."""
-    lines = ["| run | seed | epochs (joint) | stopped | best val top-1 % (epoch) | wall s |",
-             "|---|---:|---:|---|---:|---:|"]
+    """One row per training run: method, seed, where its encoders started (``init``: a run's, else from scratch),
+    epochs (joint ones), how it stopped (and whether its validation top-1 never rose above chance), best validation
+    top-1 and its epoch, wall time."""
+    lines = ["| run | seed | encoders from | epochs (joint) | stopped | best val top-1 % (epoch) | wall s |",
+             "|---|---:|---|---:|---|---:|---:|"]
     for r in runs:
         curve = r.get("val_top1") or []
         best = f"{100 * max(curve):.2f} ({r['best_epoch']})" if curve else "-"
         stopped = r.get("stopped", "-") + (", never above chance" if r.get("left_chance") is False else "")
-        lines.append(f"| {Path(r['run']).name} | {r['seed']} | {r.get('epochs', '-')} ({r.get('joint_epochs', '-')}) | "
-                     f"{stopped} | {best} | {r.get('wall_s', 0):.0f} |")
+        init = r.get("init")
+        start = f"{init['from']} ({', '.join(init['parts'])})" if init else "scratch"
+        lines.append(f"| {Path(r['run']).name} | {r['seed']} | {start} | {r.get('epochs', '-')} "
+                     f"({r.get('joint_epochs', '-')}) | {stopped} | {best} | {r.get('wall_s', 0):.0f} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from avgn_fast import demo, pareto
+from avgn_fast import demo, demo_jobs, pareto
 from avgn_fast.checkpoint import load_checkpoint
 from avgn_fast.cli import build_parser
 from avgn_fast.commands import calibrate as calibrate_command
@@ -54,9 +54,16 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
         train_state = load_checkpoint(here / "runs" / slug / "last.pt").train_state
         history = train_state["history"]
         assert train_state["settings"]["lr"] == demo.METHOD_SETTINGS.get(slug, {}).get("lr", TrainSettings.lr)
-        assert len(history) == demo._total_epochs(ckpt.model.config, _settings(1))
+        assert len(history) == demo_jobs.total_epochs(ckpt.model.config, _settings(1))
         # every epoch's line came back from the worker processes
         assert sum(line.startswith(f"  {slug}: epoch=") for line in lines) == len(history)
+    # the baselines that look at frames start from the AVGN run's encoders, so they train after it
+    for slug, parts in demo.METHOD_INIT.items():
+        assert demo_jobs.started_from(here / "runs" / slug) == {"from": "avgn", "parts": list(parts)}
+        assert (here / "runs" / "avgn" / "best.pt").stat().st_mtime_ns <= \
+            (here / "runs" / slug / demo_jobs.INIT_FILE).stat().st_mtime_ns
+    assert [r["init"] for r in first.runs] == [
+        {"from": "avgn", "parts": list(demo.METHOD_INIT[slug])} if slug in demo.METHOD_INIT else None for slug in slugs]
     assert {p.method for p in result.points if p.exit_threshold is not None} == set(result.methods)
     assert all(p.videos == 4 and 0 <= p.top1 <= 1 for p in result.points)
     assert pareto.read_json(first.paths["json"]).points == result.points
@@ -64,7 +71,7 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     text = demo.summary(first)
     assert pareto.markdown_table(result) in text and demo.training_table(first.runs) in text
     assert [(r["method"], r["seed"], r["epochs"], r["stopped"]) for r in first.runs] == [
-        (slug, 0, demo._total_epochs(load_checkpoint(here / "runs" / slug / "best.pt").model.config, _settings(1)),
+        (slug, 0, demo_jobs.total_epochs(load_checkpoint(here / "runs" / slug / "best.pt").model.config, _settings(1)),
          "epochs") for slug in slugs]
     assert all(str(path) in text for path in first.paths.values())
     assert str(here / "runs" / "dense" / "best.pt") in text and str(here / "avsynth") in text
@@ -73,7 +80,7 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     assert [(r["method"], r["seed"]) for r in first.calibration] == [(m, 0) for m in result.methods]
     assert demo.calibration_table(first.calibration) in text
     assert json.loads(first.paths["calibration_json"].read_text())["runs"] == first.calibration
-    test = demo._load_split(here / "avsynth", TINY.config(), "test", tmp_path / "cache")[0]
+    test = demo_jobs.load_split(here / "avsynth", TINY.config(), "test", tmp_path / "cache")[0]
     for row in first.calibration:
         model = load_checkpoint(Path(row["run"]) / "best.pt").model
         at_tau, every = (evaluate(model, test, exit_threshold=tau) for tau in (row["threshold"], None))
@@ -93,6 +100,13 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     # the same checkpoints on the same clips: the same accuracy and cost (only the timing is new)
     assert [(p.top1, p.gflops) for p in second.result.points] == [(p.top1, p.gflops) for p in result.points]
 
+    # a dense run that started from scratch (an older demo's) is not taken for one that starts from AVGN's encoder
+    (here / "runs" / "dense" / demo_jobs.INIT_FILE).unlink()
+    lines.clear()
+    again = demo.run_demo(tmp_path, size=TINY, device="cpu", workers=1, progress=False, log=lines.append)
+    assert again.trained == ["dense"] and any("local encoders from avgn" in line for line in lines)
+    assert demo_jobs.started_from(here / "runs" / "dense") == {"from": "avgn", "parts": ["local"]}
+
     # more epochs and a second seed: every first-seed run resumes from its last.pt, the second seed's start
     lines.clear()
     resumed = demo.run_demo(tmp_path, size=dataclasses.replace(TINY, epochs=2), device="cpu", workers=1, seeds=2,
@@ -107,8 +121,40 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
         assert load_checkpoint(here / "runs" / slug / "last.pt").train_state["settings"]["seed"] == 1
     for slug in slugs:
         ckpt = load_checkpoint(here / "runs" / slug / "last.pt")
-        total = demo._total_epochs(ckpt.model.config, _settings(2))
+        total = demo_jobs.total_epochs(ckpt.model.config, _settings(2))
         assert [h["epoch"] for h in ckpt.train_state["history"]] == list(range(1, total + 1))
+
+
+def test_a_job_starts_from_the_encoders_of_the_run_it_names(tmp_path):
+    """``train_job`` with ``init_from``: the encoders named start as that run's best.pt has them (one epoch at a
+    learning rate too small to move a weight measurably), the others as a fresh model of the seed has them."""
+    from avgn_fast.checkpoint import save_checkpoint
+    from avgn_fast.data.synth import write_dataset
+    from avgn_fast.models.avgn import AVGN
+
+    config = TINY.config().replace(num_classes=8)
+    data = tmp_path / "avsynth"
+    write_dataset(data, TINY.videos, seed=0, config=TINY.config(),
+                  splits=(TINY.train / TINY.videos, TINY.val / TINY.videos, TINY.test / TINY.videos))
+    source = AVGN(config)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.1)
+    classes = tuple(f"c{i}" for i in range(8))
+    save_checkpoint(tmp_path / "runs" / "avgn" / "best.pt", source, class_names=list(classes))
+    settings = dataclasses.replace(_settings(1), lr=1e-12, batch_size=4)
+    job = demo_jobs.TrainJob("visual-only", "visual-only", config.replace(audio=False), tmp_path / "runs" / "vo",
+                             data, tmp_path / "cache", settings, classes, 0, "cpu", tmp_path / "runs" / "avgn",
+                             ("local",))
+    demo_jobs.train_job(job, None, False, lambda line: None)
+    trained = load_checkpoint(job.run_dir / "last.pt").model
+    torch.manual_seed(settings.seed)
+    fresh = AVGN(job.config)
+    for name, p in trained.local.named_parameters():
+        torch.testing.assert_close(p, dict(source.local.named_parameters())[name], atol=1e-6, rtol=0)
+    for name, p in trained.visual.named_parameters():
+        torch.testing.assert_close(p, dict(fresh.visual.named_parameters())[name], atol=1e-6, rtol=0)
+    assert demo_jobs.started_from(job.run_dir) == {"from": "avgn", "parts": ["local"]}
 
 
 def test_calibration_table_aggregates_seeds_by_hand():
