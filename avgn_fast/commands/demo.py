@@ -1,9 +1,11 @@
 """From nothing to an accuracy-vs-GFLOPs curve: synthesize AVSynth, train AVGN and its baselines, sweep them.
 
 Every method (AVGN, visual-only glance, uniform+centre, dense, audio-only) trains until its validation
-top-1 plateaus; --seeds N trains each N times and the table and plot give mean ± std. Everything goes
-under --out (default ./avgn_runs); a re-run reuses the videos, the decoded clips and the finished
-checkpoints there, so only the sweep runs again. --quick is a plumbing check: its accuracies mean nothing.
+top-1 plateaus; the baselines that look at frames start their encoders from the AVGN run of their seed (as
+the paper's methods all start from ImageNet weights). --seeds N trains each N times and the table and plot
+give mean ± std. Everything goes under --out (default ./avgn_runs); a re-run reuses the videos, the decoded
+clips and the finished checkpoints there, so only the sweep runs again. --quick is a plumbing check: its
+accuracies mean nothing.
 """
 
 from __future__ import annotations
