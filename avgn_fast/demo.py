@@ -212,7 +212,8 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
                 total = total_epochs(config, settings)
                 stop = f"until validation plateaus, at most {total}" if settings.patience else str(total)
                 own = "".join(f", {k}={v:g}" for k, v in METHOD_SETTINGS.get(method, {}).items())
-                start = f", {' and '.join(parts)} encoders from {init_from.name}" if parts else ""
+                encoders = f"{' and '.join(parts)} encoder{'s' * (len(parts) > 1)}"
+                start = f", {encoders} from {init_from.name}" if parts else ""
                 log(f"demo: training {slug} ({pareto.method_name(config)}, seed {settings.seed}{own}{start}), {stop} "
                     f"epochs on {len(sources['train'])} videos" + (f", resuming after epoch {done}" if done else ""))
                 jobs.append(dataclasses.replace(job, done=done))

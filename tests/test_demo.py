@@ -104,7 +104,7 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     (here / "runs" / "dense" / demo_jobs.INIT_FILE).unlink()
     lines.clear()
     again = demo.run_demo(tmp_path, size=TINY, device="cpu", workers=1, progress=False, log=lines.append)
-    assert again.trained == ["dense"] and any("local encoders from avgn" in line for line in lines)
+    assert again.trained == ["dense"] and any("local encoder from avgn)" in line for line in lines)
     assert demo_jobs.started_from(here / "runs" / "dense") == {"from": "avgn", "parts": ["local"]}
 
     # more epochs and a second seed: every first-seed run resumes from its last.pt, the second seed's start
