@@ -116,6 +116,8 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     assert sum(line.startswith("demo: training") and "resuming" in line for line in lines) == len(slugs)
     assert {p.seed for p in resumed.result.points} == {0, 1} and resumed.result.methods == result.methods
     assert pareto.seeded(resumed.result) and " ± " in demo.summary(resumed)
+    notes = resumed.result.notes  # a note about a method is given once, not once per seed
+    assert any("a dense model has no patch or glance" in n for n in notes) and len(notes) == len(set(notes))
     assert [(r["method"], r["seed"]) for r in resumed.calibration] == [(m, s) for s in (0, 1) for m in result.methods]
     for slug in second_seed:
         assert load_checkpoint(here / "runs" / slug / "last.pt").train_state["settings"]["seed"] == 1

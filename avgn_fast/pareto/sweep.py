@@ -276,4 +276,4 @@ def sweep(checkpoints: Sequence[str | Path], data, *, cache_dir, split: str = "t
                         data=str(data), split=split, device=device_description(dev),
                         backend=backend, precision=precision_name(dtype),
                         date=datetime.now().astimezone().isoformat(timespec="seconds"), versions=_versions(),
-                        notes=notes, warmup_s=round(warmup, 3), decoded=decoded)
+                        notes=list(dict.fromkeys(notes)), warmup_s=round(warmup, 3), decoded=decoded)  # once per seed
