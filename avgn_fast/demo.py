@@ -206,6 +206,8 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
                 job = TrainJob(slug, method, config, run_dir, data, root / "cache", settings, tuple(classes), 0,
                                str(dev), init_from, parts)
                 done, complete = progress_of(run_dir, config, settings, job.init_record())
+                if init_from in {j.run_dir for j in jobs if j.done == 0}:  # its start is trained anew: so is it
+                    done, complete = 0, False
                 if complete and (run_dir / "best.pt").is_file():
                     log(f"demo: {slug}: reusing {run_dir / 'best.pt'}")
                     continue

@@ -120,8 +120,9 @@ def load_split(data: Path, config: AVGNConfig, split: str, cache_dir: Path, prog
 
 
 def train_job(job: TrainJob, sources: dict | None, progress: bool, log: Callable[[str], None]) -> None:
-    """Train ``job`` (``sources``: its train and val splits, else loaded from the cache); a fresh start takes the
-    encoders in ``init_parts`` from ``init_from``'s best.pt and records it in ``INIT_FILE``."""
+    """Train ``job`` (``sources``: its train and val splits, else loaded from the cache). A fresh start removes an
+    older run's checkpoints from the folder, takes the encoders in ``init_parts`` from ``init_from``'s best.pt and
+    records it in ``INIT_FILE``."""
     from avgn_fast.models.avgn import AVGN
     from avgn_fast.models.backbones import load_pretrained
     from avgn_fast.training.trainer import fit
@@ -132,6 +133,8 @@ def train_job(job: TrainJob, sources: dict | None, progress: bool, log: Callable
     model = AVGN(job.config)
     if job.done == 0:
         job.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("last.pt", "best.pt"):  # an older run's: interrupted now, it must not pass for this one
+            (job.run_dir / stale).unlink(missing_ok=True)
         for part in job.init_parts:
             load_pretrained(getattr(model, part), job.init_from / "best.pt", part=part)
         record = job.init_record()

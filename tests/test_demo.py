@@ -106,6 +106,10 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     again = demo.run_demo(tmp_path, size=TINY, device="cpu", workers=1, progress=False, log=lines.append)
     assert again.trained == ["dense"] and any("local encoder from avgn)" in line for line in lines)
     assert demo_jobs.started_from(here / "runs" / "dense") == {"from": "avgn", "parts": ["local"]}
+    # AVGN trained again (its last.pt lost): the runs that start from its encoders train again too
+    (here / "runs" / "avgn" / "last.pt").unlink()
+    again = demo.run_demo(tmp_path, size=TINY, device="cpu", workers=1, progress=False, log=lines.append)
+    assert sorted(again.trained) == sorted(["avgn", *demo.METHOD_INIT])
 
     # more epochs and a second seed: every first-seed run resumes from its last.pt, the second seed's start
     lines.clear()
@@ -116,8 +120,6 @@ def test_demo_end_to_end_reuses_and_resumes(tmp_path):
     assert sum(line.startswith("demo: training") and "resuming" in line for line in lines) == len(slugs)
     assert {p.seed for p in resumed.result.points} == {0, 1} and resumed.result.methods == result.methods
     assert pareto.seeded(resumed.result) and " ± " in demo.summary(resumed)
-    notes = resumed.result.notes  # a note about a method is given once, not once per seed
-    assert any("a dense model has no patch or glance" in n for n in notes) and len(notes) == len(set(notes))
     assert [(r["method"], r["seed"]) for r in resumed.calibration] == [(m, s) for s in (0, 1) for m in result.methods]
     for slug in second_seed:
         assert load_checkpoint(here / "runs" / slug / "last.pt").train_state["settings"]["seed"] == 1
@@ -157,6 +159,28 @@ def test_a_job_starts_from_the_encoders_of_the_run_it_names(tmp_path):
     for name, p in trained.visual.named_parameters():
         torch.testing.assert_close(p, dict(fresh.visual.named_parameters())[name], atol=1e-6, rtol=0)
     assert demo_jobs.started_from(job.run_dir) == {"from": "avgn", "parts": ["local"]}
+
+
+def test_a_fresh_start_drops_an_older_runs_checkpoints(tmp_path, monkeypatch):
+    """A run trained again from scratch (its start changed) and interrupted in its first epoch must not leave the
+    older run's last.pt beside the new ``init.json``: the next demo would take the older run for the new one."""
+    run_dir = tmp_path / "runs" / "dense"
+    run_dir.mkdir(parents=True)
+    for name in ("last.pt", "best.pt"):
+        (run_dir / name).write_bytes(b"an older run's checkpoint")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("avgn_fast.training.trainer.fit", interrupted)
+    monkeypatch.setattr("avgn_fast.models.backbones.load_pretrained", lambda *args, **kwargs: None)
+    config = TINY.config().with_overrides(["dense=true", "audio=false"]).replace(num_classes=8)
+    job = demo_jobs.TrainJob("dense", "dense", config, run_dir, tmp_path, tmp_path / "cache", _settings(1),
+                             tuple(f"c{i}" for i in range(8)), 0, "cpu", tmp_path / "runs" / "avgn", ("local",))
+    with pytest.raises(KeyboardInterrupt):
+        demo_jobs.train_job(job, {"train": None, "val": None}, False, lambda line: None)
+    assert not (run_dir / "last.pt").exists() and not (run_dir / "best.pt").exists()
+    assert demo_jobs.progress_of(run_dir, config, _settings(1), job.init_record()) == (0, False)
 
 
 def test_calibration_table_aggregates_seeds_by_hand():

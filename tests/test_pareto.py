@@ -187,6 +187,11 @@ def test_sweep_decodes_once_and_runs_the_sizes_the_weights_fit(trained):
     # without AESPA nothing ties the weights to G or P: both run, and match a model built at that size
     assert {("uniform+centre", "K=2 P=24"), ("uniform+centre", "K=2 G=16")} <= settings
     assert any(n.startswith("dense + audio: a dense model has no patch or glance") for n in first.notes)
+    # two seeds of one method: its note once
+    copy = root / "dense-seed1.pt"
+    copy.write_bytes(ckpts[2].read_bytes())
+    seeded = pareto.sweep([ckpts[2], copy], data, seeds=[0, 1], **kwargs)
+    assert sum(n.startswith("dense + audio: a dense model has no patch or glance") for n in seeded.notes) == 1
     base = load_checkpoint(ckpts[1])
     test = FolderSource(FolderDataset(data, SMALL, split="test", cache_dir=cache))
     for setting, change in (("K=2 P=24", {"patch_size": 24}), ("K=2 G=16", {"glance_size": 16})):

@@ -250,6 +250,39 @@ def test_a_source_whose_sound_stops_goes_on_with_silence(model, tmp_path):
     assert sum("behind the video" in n for r in rows for n in r.notes) == 1  # noted once, on the row it came with
 
 
+def test_a_failed_batch_leaves_the_shared_patches_to_the_retries(monkeypatch):
+    """A batch that fails after the engine filled the patch table is retried clip by clip; the table forgets what
+    the failed attempt recorded, so the first clip pays for its patches again and the second, on the same rows,
+    reuses them (each patch charged once)."""
+    from avgn_fast.data.clip import Clip
+    from avgn_fast.engine.early_exit import PatchTable
+    from avgn_fast.engine.stages import random_inputs
+
+    config = CONFIG.replace(audio_clip_mean=False)
+    model = random_model(config, seed=3, live_audio=True)
+    batch = BatchPredictor(model, device="cpu", exit_threshold=None)
+    frames, mel, _ = random_inputs(config, 1, seed=2)
+    s, t = config.frame_size, config.num_frames
+    clip = Clip(frames=frames[0], mel=mel[0], audio_present=True, duration=4.0, fps=12.0, source_size=(s, s),
+                resize_shorter=s)
+    original, failed = BatchPredictor._prediction, []
+
+    def fail_once(self, *args):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("after the engine")
+        return original(self, *args)
+
+    monkeypatch.setattr(BatchPredictor, "_prediction", fail_once)
+    table = PatchTable(torch.zeros(t, 2), torch.zeros(t, model.local.out_channels))
+    first, second = batch.classify(["a", "b"], [clip, clip], patches=(table, [torch.arange(t), torch.arange(t)]))
+    patch = next(r.gmacs for r in model.flops_table() if r.name == "local encoder")
+    assert failed and first.ok and second.ok and len(table.known) == config.k
+    assert first.gflops == pytest.approx(model.cost().total(config.k))
+    assert second.gflops == pytest.approx(model.cost().total(config.k) - config.k * patch)
+    assert second.label == first.label and second.score == pytest.approx(first.score, abs=1e-6)
+
+
 def test_shared_audio_features_equal_each_windows_own_with_and_without_sound(varied_file, tmp_path):
     """A model that encodes each frame's audio on its own: the windows (hop W/2) classified with the audio features
     shared across them equal the same windows encoding their own audio, where the sound plays (``varied_file``)
@@ -266,11 +299,14 @@ def test_shared_audio_features_equal_each_windows_own_with_and_without_sound(var
         rows = shared(windows)
         own = WindowRunner(batch)
         own.shares_audio = False  # each window's audio through the encoder, as classifying it alone does
+        own.shares_patches = False  # and its own patches, not the ones ``shared`` left on the samples
         reference = own(windows)
         assert len(rows) == len(windows) >= 3 and all(r.ok for r in rows)
         for row, ref in zip(rows, reference):
             assert row.audio_present == ref.audio_present and row.kept_frames == ref.kept_frames
             assert row.score == pytest.approx(ref.score, abs=1e-5)
             torch.testing.assert_close(torch.tensor(row.saliency), torch.tensor(ref.saliency), atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.tensor(row.patch_boxes), torch.tensor(ref.patch_boxes), atol=0.05, rtol=0)
+        assert any(("patch", w.audio_present) in x.features for w in windows for x in w.samples)  # shared: kept
         if path == mute_tail:
             assert [r.audio_present for r in rows][0] and not rows[-1].audio_present

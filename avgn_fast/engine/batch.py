@@ -215,10 +215,13 @@ class BatchPredictor:
         """Clips run as one batch; if that fails, each clip alone, so only the culprit gets the error."""
         if not clips:
             return []
+        known = None if patches is None else set(patches[0].known)
         try:
             result = self._run(clips, glance, patches)
             return [self._prediction(path, clip, result, j) for j, (path, clip) in enumerate(zip(paths, clips))]
         except Exception as e:
+            if patches is not None:  # the retries compute (and are charged for) what the failed attempt recorded
+                patches[0].known.intersection_update(known)
             if len(clips) == 1:
                 return [Prediction(path=paths[0], error=error_line(paths[0], e))]
             return [p for j, (clip, path) in enumerate(zip(clips, paths))

@@ -91,7 +91,7 @@ class WindowRunner:
             if pred.gflops is not None:  # the engine's count leaves out reused patches; the full cost has them
                 frames_saved = self.frame_gmacs * (len(w.samples) - new)
                 gflops = pred.gflops - frames_saved
-                full = self.cost.per_video + self.cost.per_step * (pred.exit_step + 1) if self.cost else pred.gflops
+                full = float(self.cost.gmacs(torch.tensor([pred.exit_step + 1]))) if self.cost else pred.gflops
                 saved = frames_saved + full - pred.gflops
             self.gmacs_saved += saved or 0.0
             self.gmacs_spent += gflops or 0.0
