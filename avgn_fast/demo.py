@@ -106,10 +106,10 @@ class DemoSize:
         return AVGNConfig.from_name("tiny").with_overrides(list(self.overrides))
 
 
-# Full is AVSynth's default split, every method trained to its plateau, at most 25 joint epochs: the runs that never
-# leave chance (visual-only, uniform+centre) train to the cap. Measured from scratch on 2 cores, one torch thread
-# per process (2026-12-06): 38.1 min (writing 183 s, decoding 30 s, training 1,873 s, the sweep 156 s, calibration
-# 42 s); 46.4 min with dense at lr 2e-3, where it trained 28 epochs at chance.
+# Full is AVSynth's default split, every method trained to its plateau, at most 25 joint epochs. Measured from
+# scratch on 2 cores, one torch thread per process (2026-12-06): 24.8 min (writing 156 s, decoding 24 s, training
+# 1,145 s, the sweep 128 s, calibration 36 s); 38.1 min when the baselines started from scratch and three of them
+# trained to the cap at chance. ``quick``: 1.2 min.
 SIZES = {
     "full": DemoSize("full", train=1100, val=200, test=500, epochs=25, patience=4),
     "quick": DemoSize("quick", train=100, val=25, test=50, epochs=2, audio_warmup_epochs=1, look_epochs=1,
