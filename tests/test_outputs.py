@@ -237,7 +237,10 @@ def test_ctrl_c_stops_promptly_and_leaves_whole_lines(checkpoint, videos, tmp_pa
     command = [sys.executable, "-m", "avgn_fast.cli", *predict_cli(*inputs, "--checkpoint", checkpoint, "--jsonl",
                                                                    jsonl, "--batch-size", "2", "--workers", "2")]
     with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        # Ctrl-C's default disposition in the child, as in a terminal: a runner started in the background by a
+        # non-interactive shell ignores SIGINT, and a Python started with it ignored never raises KeyboardInterrupt
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 300
             while not any(f.is_file() and b"\n" in f.read_bytes() for f in out.iterdir()):
