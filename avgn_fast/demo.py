@@ -152,7 +152,6 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
 
     from avgn_fast.data import synth
     from avgn_fast.engine.predictor import resolve_device
-    from avgn_fast.models.avgn import AVGN
     from avgn_fast.training.trainer import TrainSettings
 
     if seeds < 1:
@@ -201,7 +200,7 @@ def run_demo(out="./avgn_runs", *, size: DemoSize = SIZES["full"], device: str =
                 checkpoints.append(run_dir / "best.pt")
                 run_seeds.append(settings.seed)
                 runs.append((run_dir, method, settings.seed))
-                parts = tuple(p for p in METHOD_INIT.get(method, ()) if getattr(AVGN(config), p) is not None)
+                parts = METHOD_INIT.get(method, ())  # encoders each such configuration has
                 init_from = here / "runs" / (INIT_FROM if index == 0 else f"{INIT_FROM}-seed{index}") if parts else None
                 job = TrainJob(slug, method, config, run_dir, data, root / "cache", settings, tuple(classes), 0,
                                str(dev), init_from, parts)

@@ -135,8 +135,10 @@ def train_job(job: TrainJob, sources: dict | None, progress: bool, log: Callable
         job.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("last.pt", "best.pt"):  # an older run's: interrupted now, it must not pass for this one
             (job.run_dir / stale).unlink(missing_ok=True)
-        for part in job.init_parts:
-            load_pretrained(getattr(model, part), job.init_from / "best.pt", part=part)
+        if job.init_parts:  # the source checkpoint read once for all its encoders
+            start = torch.load(job.init_from / "best.pt", map_location="cpu", weights_only=True)
+            for part in job.init_parts:
+                load_pretrained(getattr(model, part), start, part=part)
         record = job.init_record()
         if record is not None:
             (job.run_dir / INIT_FILE).write_text(json.dumps(record) + "\n")

@@ -172,8 +172,12 @@ def test_a_fresh_start_drops_an_older_runs_checkpoints(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    from avgn_fast.checkpoint import save_checkpoint
+    from avgn_fast.models.avgn import AVGN
+
     monkeypatch.setattr("avgn_fast.training.trainer.fit", interrupted)
-    monkeypatch.setattr("avgn_fast.models.backbones.load_pretrained", lambda *args, **kwargs: None)
+    save_checkpoint(tmp_path / "runs" / "avgn" / "best.pt", AVGN(TINY.config().replace(num_classes=8)),
+                    class_names=[f"c{i}" for i in range(8)])
     config = TINY.config().with_overrides(["dense=true", "audio=false"]).replace(num_classes=8)
     job = demo_jobs.TrainJob("dense", "dense", config, run_dir, tmp_path, tmp_path / "cache", _settings(1),
                              tuple(f"c{i}" for i in range(8)), 0, "cpu", tmp_path / "runs" / "avgn", ("local",))
