@@ -10,7 +10,14 @@ from tolerances import tol
 from torch import nn
 
 from avgn_fast.models import backbones
-from avgn_fast.models.backbones import load_pretrained, make_divisible, mobilenet_v2, resnet18, resnet50
+from avgn_fast.models.backbones import (
+    fold_batch_norms,
+    load_pretrained,
+    make_divisible,
+    mobilenet_v2,
+    resnet18,
+    resnet50,
+)
 
 
 def _bn(prefix: str, c: int) -> dict:
@@ -227,6 +234,37 @@ def test_forward_matches_functional_reference(factory, kwargs, reference):
     atol, rtol = tol(torch.float32).values()
     torch.testing.assert_close(fmap, want, atol=atol * want.abs().max().item(), rtol=rtol)
     torch.testing.assert_close(pooled, want.mean(dim=(2, 3)), atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("factory, kwargs, reference", REFERENCES)
+def test_folded_batch_norms_match_the_functional_reference_and_leave_the_model_alone(factory, kwargs, reference):
+    model = _randomize(factory(**kwargs)).train()
+    before = {key: t.clone() for key, t in model.state_dict().items()}
+    folded = fold_batch_norms(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) and not folded.training
+    assert model.training and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(t, before[key]) for key, t in model.state_dict().items())
+    x = 8 * torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        fmap, pooled = folded(x)
+        want = reference(before, x)
+    atol, rtol = tol(torch.float32).values()
+    torch.testing.assert_close(fmap, want, atol=atol * want.abs().max().item(), rtol=rtol)
+    torch.testing.assert_close(pooled, want.mean(dim=(2, 3)), atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+def test_a_folded_norm_is_the_conv_scaled_and_shifted():
+    conv, norm = nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2, eps=0.0)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([2.0, -1.0]).view(2, 1, 1, 1))
+        norm.running_mean.copy_(torch.tensor([1.0, 3.0]))
+        norm.running_var.copy_(torch.tensor([4.0, 0.25]))
+        norm.weight.copy_(torch.tensor([3.0, 0.5]))
+        norm.bias.copy_(torch.tensor([0.5, -2.0]))
+    folded = fold_batch_norms(nn.Sequential(conv, norm))
+    # y = γ (w x − μ) / σ + β: channel 0 (3/2)(2x − 1) + 1/2 = 3x − 1; channel 1 (1/2)(−x − 3)/(1/2) − 2 = −x − 5
+    assert isinstance(folded[1], nn.Identity)
+    assert folded[0].weight.flatten().tolist() == [3.0, -1.0] and folded[0].bias.tolist() == [-1.0, -5.0]
 
 
 @pytest.mark.parametrize("factory, kwargs, wrap", [(mobilenet_v2, {}, None), (resnet18, dict(width=16), "state_dict"),

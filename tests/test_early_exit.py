@@ -4,7 +4,7 @@ import contextlib
 
 import pytest
 import torch
-from random_models import random_model
+from random_models import folded, random_model
 from switches import SWITCHES, TINY
 from tolerances import tol
 
@@ -48,7 +48,7 @@ class LocalRows(Hook):
 def run_both(model, frames, mel, present, threshold, engine=None, hook=None):
     engine = engine or GlanceEngine(model, device="cpu")
     torch.manual_seed(5)  # spatial="random" draws the same centres in both
-    ref = model.glance(frames, mel, audio_present=present, exit_threshold=threshold)
+    ref = folded(model).glance(frames, mel, audio_present=present, exit_threshold=threshold)
     torch.manual_seed(5)
     got = engine(frames, mel, present, exit_threshold=threshold, hook=hook)
     return ref, got
@@ -114,6 +114,27 @@ def test_threshold_every_video_passes_at_the_first_step_and_k_override():
         GlanceEngine(model, device="cpu", k=TINY.k + 1)
 
 
+def test_the_engine_matches_the_unfolded_model_within_float_rounding():
+    """The engine's stages fold the backbones' batch norms: on a model whose norms hold real statistics (a trained
+    model's are not 0 and 1) the engine still gives ``model.glance``'s frames and logits, to float32 rounding."""
+    model = random_model(TINY, exits=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    frames, mel, present = inputs(TINY, seed=2)
+    ref = model.glance(frames, mel, audio_present=present, exit_threshold=None)
+    got = GlanceEngine(model, device="cpu")(frames, mel, present, exit_threshold=None)
+    assert torch.equal(got.kept, ref.kept)
+    torch.testing.assert_close(got.boxes, ref.boxes, **tol(torch.float32))
+    torch.testing.assert_close(got.logits, ref.logits, **tol(torch.float32))
+    assert not torch.equal(got.logits, ref.logits), "the engine should run the folded convs, not the norms"
+
+
 def test_bf16_engine_matches_glance_under_autocast():
     # visual-only: the attention reference's masked fill overflows bf16 under CPU autocast
     config = TINY.replace(audio=False)
@@ -121,7 +142,7 @@ def test_bf16_engine_matches_glance_under_autocast():
     frames, mel, present = inputs(config, seed=4)
     engine = GlanceEngine(model, device="cpu", precision="bf16")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = model.glance(frames, mel, audio_present=present)
+        ref = folded(model).glance(frames, mel, audio_present=present)
     got = engine(frames, mel, present)
     assert torch.equal(got.kept, ref.kept)
     torch.testing.assert_close(got.final_logits, ref.final_logits.float(), **tol(torch.bfloat16))
@@ -159,9 +180,10 @@ def test_shared_patches_are_computed_once_read_back_and_charged_to_the_video_tha
     config = TINY.replace(audio_clip_mean=False)
     model = random_model(config, exits=True, live_audio=True)
     frames, mel, present = inputs(config, seed=7)
+    reference = folded(model)
     if threshold == "spread":
-        threshold = spread_threshold(model.glance(frames, mel, audio_present=present).probs)
-    ref = model.glance(frames, mel, audio_present=present, exit_threshold=threshold)
+        threshold = spread_threshold(reference.glance(frames, mel, audio_present=present).probs)
+    ref = reference.glance(frames, mel, audio_present=present, exit_threshold=threshold)
     t, channels = config.num_frames, model.local.out_channels
     patch = next(r.gmacs for r in model.flops_table() if r.name == "local encoder")
     steps = ref.exit_step + 1
@@ -188,7 +210,7 @@ def test_shared_patches_are_computed_once_read_back_and_charged_to_the_video_tha
     row = i * t + int(ref.kept[i, s])
     torch.testing.assert_close(model.boxes(table.locations[row]), ref.boxes[i, s], **tol(torch.float32))
     patches = model.crop(frames[i:i + 1], ref.kept[i:i + 1, s:s + 1], table.locations[row].view(1, 1, 2))
-    torch.testing.assert_close(table.local[row], model.local(patches)[1][0], **tol(torch.float32))
+    torch.testing.assert_close(table.local[row], reference.local(patches)[1][0], **tol(torch.float32))
 
     counter = LocalRows()
     again = engine(frames, mel, present, exit_threshold=threshold, patches=(table, slot), hook=counter)
@@ -199,7 +221,7 @@ def test_shared_patches_are_computed_once_read_back_and_charged_to_the_video_tha
     altered = engine(frames, mel, present, exit_threshold=None, patches=(table, slot))
     assert not torch.allclose(altered.logits[i, s], ref.logits[i, s], atol=1e-3)
     others = [j for j in range(BATCH) if j != i]
-    whole = model.glance(frames, mel, audio_present=present, exit_threshold=None)
+    whole = reference.glance(frames, mel, audio_present=present, exit_threshold=None)
     torch.testing.assert_close(altered.logits[others], whole.logits[others], **tol(torch.float32))
 
     own = fresh_table(BATCH * t, channels)  # −1: no row, each video its own patch

@@ -1,6 +1,7 @@
 """Predictor and `avgn-fast predict` on real encoded files, bad ones included, against `model.glance`."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from avgn_fast.config import AVGNConfig
 from avgn_fast.data.decode import decode_clip_for
 from avgn_fast.data.synth import CLASS_NAMES, render_video
 from avgn_fast.data.synth import write_video as write_synth_video
-from avgn_fast.engine.predictor import Prediction, Predictor, expand_inputs
+from avgn_fast.engine.predictor import Prediction, Predictor, expand_inputs, model_threads
 from avgn_fast.models.avgn import AVGN
 
 CONFIG = AVGNConfig.from_name("tiny")
@@ -110,6 +111,41 @@ def test_predict_iter_streams_with_bounded_lookahead(checkpoint, media):
     assert len(pulled) <= 2 * (1 + 1) + 2
     rest = list(stream)
     assert len(rest) == 39 and len(pulled) == 40
+
+
+def test_model_threads_leave_the_decode_workers_their_cores_while_they_are_behind():
+    assert model_threads(8, 2, behind=False) == 8 and model_threads(8, 2, behind=True) == 6
+    assert model_threads(2, 2, behind=True) == 1 and model_threads(2, 0, behind=True) == 1  # one worker runs at 0
+    assert model_threads(1, 4, behind=True) == 1 and model_threads(3, 0, behind=False) == 3
+
+
+def test_the_model_runs_on_fewer_threads_only_while_decoding_is_behind(checkpoint, media):
+    """Decoded clips are ready when the model asks for them: the caller's threads. Files whose decode cannot end
+    before a timer fires (1 s) are not: the threads the one worker leaves. The caller's count comes back after."""
+    predictor = Predictor(checkpoint, device="cpu", batch_size=2, num_workers=1)
+    seen, gate = [], threading.Event()
+    classify, decode = predictor.batch.classify, predictor.batch.decode
+
+    def counting_classify(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return classify(*args, **kwargs)
+
+    def gated_decode(paths):
+        gate.wait()
+        return decode(paths)
+
+    predictor.batch.classify, predictor.batch.decode = counting_classify, gated_decode
+    clips = decode(media["good"][:2])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert all(p.ok for p in predictor.predict(clips))
+        timer = threading.Timer(1.0, gate.set)
+        timer.start()
+        assert all(p.ok for p in predictor.predict(media["good"][:2]))
+        assert seen == [3, 2] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_predictor_rejects_bad_settings(checkpoint):

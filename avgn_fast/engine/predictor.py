@@ -7,15 +7,18 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 from avgn_fast.config import FROM_CHECKPOINT
 from avgn_fast.data.clip import Clip
 from avgn_fast.engine.backends import precision_name, resolve_precision
 from avgn_fast.engine.batch import BatchPredictor, Prediction, chunked, error_line, resolve_device
 
-__all__ = ["Prediction", "Predictor", "error_line", "expand_inputs", "resolve_device", "resolve_precision"]
+__all__ = ["Prediction", "Predictor", "error_line", "expand_inputs", "model_threads", "resolve_device",
+           "resolve_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,13 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[str]:
 def default_workers() -> int:
     """Background decode workers by default: one per core this process may use (decode is the CPU-bound side)."""
     return max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 1)
+
+
+def model_threads(threads: int, workers: int, behind: bool) -> int:
+    """Torch threads for the model's next batch on a CPU shared with ``workers`` decode workers (at least one
+    runs): the caller's ``threads``, or, while decoding is ``behind`` (the batch was not decoded yet when the
+    model asked for it), the threads the workers leave, at least one."""
+    return max(1, threads - max(workers, 1)) if behind else threads
 
 
 class Predictor:
@@ -125,11 +135,11 @@ class Predictor:
         try:
             pending = deque()
             for start, chunk in chunked(items, self.batch_size):
-                pending.append(pool.submit(self._decode_chunk, start, chunk, stop))
+                pending.append((start, chunk, self._submit_chunk(pool, chunk, stop)))
                 if len(pending) > self.num_workers:
-                    yield from self._classify(*pending.popleft().result(), explain_dir)
+                    yield from self._classify_next(pending, explain_dir)
             while pending:
-                yield from self._classify(*pending.popleft().result(), explain_dir)
+                yield from self._classify_next(pending, explain_dir)
         finally:
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -150,20 +160,40 @@ class Predictor:
 
     # --- stages: decode in the background threads, classify in this one -----------------------
 
-    def _decode_chunk(self, start: int, chunk: list, stop: threading.Event) -> tuple[int, list[str | None], list]:
-        """(start, names, clips): each input decoded to a Clip, or the exception that stopped it."""
-        names = [None if isinstance(x, Clip) else str(x) for x in chunk]
-        paths = [n for n in names if n is not None]
-        # DALI decodes a batch per pipeline run; PyAV a file at a time, so a stop is seen between files
+    def _submit_chunk(self, pool: ThreadPoolExecutor, chunk: list, stop: threading.Event) -> list[Future]:
+        """The chunk's paths handed to the workers: a file per task (a batch per task for DALI, which decodes
+        a batch per pipeline run), so every worker helps with the oldest chunk and all finish together."""
+        paths = [str(x) for x in chunk if not isinstance(x, Clip)]
         step = self.batch_size if self.batch.decode_backend == "dali" else 1
-        decoded = []
-        for i in range(0, len(paths), step):
-            if stop.is_set():
-                raise CancelledError  # the iteration that asked for this chunk has ended
-            decoded += self.batch.decode(paths[i:i + step])
-        results = iter(decoded)
-        clips = [x if isinstance(x, Clip) else next(results) for x in chunk]
-        return start, names, clips
+        return [pool.submit(self._decode_paths, paths[i:i + step], stop) for i in range(0, len(paths), step)]
 
-    def _classify(self, start: int, names: list[str | None], clips: list, explain_dir) -> list[Prediction]:
-        return self.batch.classify(names, clips, start=start, explain_dir=explain_dir)
+    def _decode_paths(self, paths: list[str], stop: threading.Event) -> list:
+        if stop.is_set():
+            raise CancelledError  # the iteration that asked for these files has ended
+        return self.batch.decode(paths)
+
+    def _classify_next(self, pending: deque, explain_dir) -> list[Prediction]:
+        """The oldest chunk classified once its files are decoded.
+
+        On a CPU the model and the decode workers share the cores. If the chunk was not decoded yet when
+        the model asked for it, decoding is what limits the run, and the model runs on the threads the
+        workers leave (at least one): more would only take cores from the decoders and spin in their
+        barriers. Otherwise it runs on the caller's threads.
+        """
+        start, chunk, tasks = pending.popleft()
+        behind = not all(task.done() for task in tasks)
+        clips = self._collect(chunk, tasks)
+        names = [None if isinstance(x, Clip) else str(x) for x in chunk]
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(model_threads(threads, self.num_workers, behind))
+        try:
+            return self.batch.classify(names, clips, start=start, explain_dir=explain_dir)
+        finally:
+            torch.set_num_threads(threads)
+
+    @staticmethod
+    def _collect(chunk: list, tasks: list[Future]) -> list:
+        """Each input of the chunk a Clip, or the exception that stopped it, once its task is done."""
+        decoded = iter([clip for task in tasks for clip in task.result()])
+        return [x if isinstance(x, Clip) else next(decoded) for x in chunk]

@@ -8,6 +8,7 @@ only so torchvision checkpoints load without renaming; ``forward`` never applies
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 
@@ -17,6 +18,7 @@ from torch import nn
 
 __all__ = [
     "IMAGENET_URLS",
+    "fold_batch_norms",
     "BasicBlock",
     "Bottleneck",
     "MobileNetV2",
@@ -37,6 +39,29 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 def _global_pool(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def fold_batch_norms(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` for inference in which every BatchNorm2d that follows a Conv2d is folded into it.
+
+    The conv takes the norm's eval-mode affine map into its weight and bias, and the norm becomes an
+    ``nn.Identity``: one op instead of two, the same function up to float rounding. The pairs are a
+    Sequential's neighbours and a block's ``convN``/``bnN`` (every backbone here); ``module`` itself is
+    left as it is.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(module).eval()
+    for m in folded.modules():
+        children = dict(m.named_children())
+        names = list(children)
+        pairs = list(zip(names, names[1:])) if isinstance(m, nn.Sequential) else \
+            [(f"conv{i}", f"bn{i}") for i in range(1, 4) if f"conv{i}" in children]
+        for conv, norm in pairs:
+            if isinstance(children[conv], nn.Conv2d) and isinstance(children.get(norm), nn.BatchNorm2d):
+                setattr(m, conv, fuse_conv_bn_eval(children[conv], children[norm]))
+                setattr(m, norm, nn.Identity())
+    return folded
 
 
 class ConvBNReLU6(nn.Sequential):
