@@ -22,6 +22,7 @@ from avgn_fast.config import AVGNConfig
 from avgn_fast.data import pyav_backend
 from avgn_fast.data.audio import LOG_EPS
 from avgn_fast.data.clip import Clip
+from avgn_fast.data.common import DecodeParams
 from avgn_fast.data.decode import (
     DecodeError,
     DecodeStats,
@@ -136,6 +137,33 @@ def test_rotation_metadata_is_applied(tmp_path, rotate, read_mode):
     assert turned.source_size == ((72, 48) if k % 2 else (48, 72))
     diff = turned.frames.int() - torch.rot90(plain.frames, k, dims=(2, 3)).int()
     assert diff.abs().max() <= 1
+
+
+@pytest.mark.parametrize("rotate, pix_fmt, size", [(None, None, (38, 54)), (90, None, (38, 54)),
+                                                   (-90, "yuv444p", (37, 51)), (180, "yuvj420p", (54, 38))])
+def test_planar_conversion_equals_packed_rgb_turned_and_cropped(tmp_path, rotate, pix_fmt, size):
+    """The converter reads swscale's planar RGB (G, B, R planes): its frames are the packed rgb24 conversion with
+    the same flags, turned by the display rotation and centre-cropped, bit for bit (odd sizes, 4:4:4, full range)."""
+    from av.video.reformatter import VideoReformatter
+
+    path = write_video(tmp_path / "odd.mp4", size=size, audio=None, rotate=rotate, pix_fmt=pix_fmt, seconds=0.5)
+    params = DecodeParams(num_frames=4, size=24, resize_shorter=29)
+    convert = pyav_backend.FrameConverter(params)
+    packed = VideoReformatter()
+    with av.open(str(path)) as c:
+        frames = list(c.decode(video=0))
+    assert frames[0].format.name == (pix_fmt or "yuv420p")
+    for frame in frames:
+        turns = round((frame.rotation or 0) / 90) % 4
+        got = convert(frame)
+        short = 29 * max(frame.width, frame.height) / min(frame.width, frame.height)
+        h, w = (29, round(short)) if frame.height <= frame.width else (round(short), 29)
+        rgb = packed.reformat(frame, width=w, height=h, format="rgb24", interpolation=convert.interpolation,
+                              threads=1).to_ndarray()
+        want = torch.from_numpy(np.rot90(rgb, turns, axes=(0, 1)).copy()).permute(2, 0, 1)
+        top, left = (want.shape[1] - 24) // 2, (want.shape[2] - 24) // 2
+        assert torch.equal(got.frames, want[:, top:top + 24, left:left + 24])
+        assert got.source_size == ((frame.width, frame.height) if turns % 2 else (frame.height, frame.width))
 
 
 def test_fewer_frames_than_t_repeat_nearest(media, read_mode):

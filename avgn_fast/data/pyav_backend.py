@@ -55,6 +55,7 @@ from avgn_fast.data.pyav_streams import PacketReader, demux_all, probe_video, ti
 IN_MEMORY_BYTES = 64 << 20  # files up to this size are demuxed once into memory instead of seeked
 RESTART_GAP = 8  # frames between the last decoded one and the next keyframe that are read through, not skipped
 _local = threading.local()  # one scaler per decoding thread, reused across files
+GBRP_CHANNELS = (1, 2, 0)  # the RGB channel of each plane of swscale's planar RGB, stored G, B, R
 
 
 def decode_file(path, params: DecodeParams, stats: DecodeStats | None = None, *, codec_threads: int = 1) -> Clip:
@@ -170,13 +171,19 @@ class FrameConverter:
     def __call__(self, frame) -> _Frame:
         turns, displayed, (h, w) = frame_geometry(frame.rotation, frame.height, frame.width,
                                                   self.params.resize_shorter)
-        rgb = self.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation=self.interpolation,
-                                        threads=1).to_ndarray()  # (h, w, 3)
-        if turns:
-            rgb = np.rot90(rgb, turns, axes=(0, 1))  # as torch.rot90 over (H, W): first axis towards the second
-        # centre crop and channels first in numpy, one copy: per-frame torch calls cost more than the crop
-        chw = center_crop(rgb.transpose(2, 0, 1), self.params.size)
-        return _Frame(torch.from_numpy(np.ascontiguousarray(chw)), displayed)
+        # planar RGB straight from swscale: each plane turned and cropped in numpy, one copy into the channels
+        # (bit-identical to packed rgb24 and a transpose, which cost more than the conversion)
+        planes = self.reformatter.reformat(frame, width=w, height=h, format="gbrp", interpolation=self.interpolation,
+                                           threads=1).planes
+        size = self.params.size
+        out = np.empty((3, size, size), np.uint8)
+        for channel, plane in zip(GBRP_CHANNELS, planes):
+            pixels = np.frombuffer(plane, np.uint8, plane.line_size * plane.height).reshape(plane.height, -1)
+            pixels = pixels[:, :plane.width]
+            if turns:
+                pixels = np.rot90(pixels, turns)  # as torch.rot90 over (H, W): first axis towards the second
+            out[channel] = center_crop(pixels, size)
+        return _Frame(torch.from_numpy(out), displayed)
 
 
 def _decode_frames(reader: PacketReader, stream, probe: VideoProbe, indices: list[int], convert: FrameConverter,
