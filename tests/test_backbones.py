@@ -265,6 +265,9 @@ def test_a_folded_norm_is_the_conv_scaled_and_shifted():
     # y = γ (w x − μ) / σ + β: channel 0 (3/2)(2x − 1) + 1/2 = 3x − 1; channel 1 (1/2)(−x − 3)/(1/2) − 2 = −x − 5
     assert isinstance(folded[1], nn.Identity)
     assert folded[0].weight.flatten().tolist() == [3.0, -1.0] and folded[0].bias.tolist() == [-1.0, -5.0]
+    # a norm without running statistics normalizes by each batch's own: it stays
+    batch_stats = fold_batch_norms(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)))
+    assert isinstance(batch_stats[1], nn.BatchNorm2d)
 
 
 @pytest.mark.parametrize("factory, kwargs, wrap", [(mobilenet_v2, {}, None), (resnet18, dict(width=16), "state_dict"),

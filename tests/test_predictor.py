@@ -113,25 +113,28 @@ def test_predict_iter_streams_with_bounded_lookahead(checkpoint, media):
     assert len(rest) == 39 and len(pulled) == 40
 
 
-def test_model_threads_leave_the_decode_workers_their_cores_while_they_are_behind():
-    assert model_threads(8, 2, behind=False) == 8 and model_threads(8, 2, behind=True) == 6
-    assert model_threads(2, 2, behind=True) == 1 and model_threads(2, 0, behind=True) == 1  # one worker runs at 0
-    assert model_threads(1, 4, behind=True) == 1 and model_threads(3, 0, behind=False) == 3
+def test_model_threads_leave_a_core_to_each_busy_decode_worker():
+    assert model_threads(8, 0) == 8 and model_threads(8, 2) == 6
+    assert model_threads(2, 2) == 1 and model_threads(1, 1) == 1 and model_threads(3, 1) == 2
 
 
-def test_the_model_runs_on_fewer_threads_only_while_decoding_is_behind(checkpoint, media):
-    """Decoded clips are ready when the model asks for them: the caller's threads. Files whose decode cannot end
-    before a timer fires (1 s) are not: the threads the one worker leaves. The caller's count comes back after."""
+def test_the_model_runs_on_fewer_threads_only_while_later_files_decode(checkpoint, media):
+    """Two chunks, one worker: while the first is classified the second's first file is held decoding (a gate the
+    classification opens), so the model leaves that worker its core; the second chunk, with nothing decoding after
+    it, and a run of decoded clips get the caller's threads. The caller's count comes back after each batch."""
     predictor = Predictor(checkpoint, device="cpu", batch_size=2, num_workers=1)
     seen, gate = [], threading.Event()
     classify, decode = predictor.batch.classify, predictor.batch.decode
+    later = {str(path) for path in media["good"][2:4]}
 
     def counting_classify(*args, **kwargs):
         seen.append(torch.get_num_threads())
+        gate.set()
         return classify(*args, **kwargs)
 
     def gated_decode(paths):
-        gate.wait()
+        if later & set(paths):
+            gate.wait()
         return decode(paths)
 
     predictor.batch.classify, predictor.batch.decode = counting_classify, gated_decode
@@ -140,10 +143,10 @@ def test_the_model_runs_on_fewer_threads_only_while_decoding_is_behind(checkpoin
     torch.set_num_threads(3)
     try:
         assert all(p.ok for p in predictor.predict(clips))
-        timer = threading.Timer(1.0, gate.set)
-        timer.start()
-        assert all(p.ok for p in predictor.predict(media["good"][:2]))
-        assert seen == [3, 2] and torch.get_num_threads() == 3
+        assert seen == [3] and torch.get_num_threads() == 3
+        gate.clear()
+        assert all(p.ok for p in predictor.predict(media["good"][:4]))
+        assert seen == [3, 2, 3] and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
 

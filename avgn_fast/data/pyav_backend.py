@@ -172,7 +172,8 @@ class FrameConverter:
         turns, displayed, (h, w) = frame_geometry(frame.rotation, frame.height, frame.width,
                                                   self.params.resize_shorter)
         # planar RGB straight from swscale: each plane turned and cropped in numpy, one copy into the channels
-        # (bit-identical to packed rgb24 and a transpose, which cost more than the conversion)
+        # (packed rgb24 and a transpose cost more than the conversion; the same pixels, but for one level on some
+        # pixels of a 4:2:0 frame of odd height kept at its size)
         planes = self.reformatter.reformat(frame, width=w, height=h, format="gbrp", interpolation=self.interpolation,
                                            threads=1).planes
         size = self.params.size

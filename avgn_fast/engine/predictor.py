@@ -43,11 +43,10 @@ def default_workers() -> int:
     return max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 1)
 
 
-def model_threads(threads: int, workers: int, behind: bool) -> int:
-    """Torch threads for the model's next batch on a CPU shared with ``workers`` decode workers (at least one
-    runs): the caller's ``threads``, or, while decoding is ``behind`` (the batch was not decoded yet when the
-    model asked for it), the threads the workers leave, at least one."""
-    return max(1, threads - max(workers, 1)) if behind else threads
+def model_threads(threads: int, decoding: int) -> int:
+    """Torch threads for the model's next batch on a CPU while ``decoding`` decode workers are busy: the caller's
+    ``threads`` less one per busy worker, at least one."""
+    return max(1, threads - decoding)
 
 
 class Predictor:
@@ -113,8 +112,8 @@ class Predictor:
                      hop_s: float | None = None) -> Iterator[Prediction]:
         """Yield one Prediction per input, in input order, while later inputs decode in the background.
 
-        Stopping early (Ctrl-C, or closing the iterator) cancels the chunks not yet started, and the
-        running ones stop at their next file, so nothing waits for the rest of the inputs.
+        Stopping early (Ctrl-C, or closing the iterator) cancels the files not yet started, and the ones
+        being decoded finish alone, so nothing waits for the rest of the inputs.
 
         With ``window_s`` each file is classified in windows of ``window_s`` seconds every ``hop_s``
         (default ``window_s``): one ``WindowPrediction`` per window, files in order, each file read once
@@ -175,19 +174,20 @@ class Predictor:
     def _classify_next(self, pending: deque, explain_dir) -> list[Prediction]:
         """The oldest chunk classified once its files are decoded.
 
-        On a CPU the model and the decode workers share the cores. If the chunk was not decoded yet when
-        the model asked for it, decoding is what limits the run, and the model runs on the threads the
-        workers leave (at least one): more would only take cores from the decoders and spin in their
-        barriers. Otherwise it runs on the caller's threads.
+        On a CPU the model and the decode workers share the cores: the model runs on the threads the
+        workers busy with later chunks leave (at least one; more would take cores from the decoders and
+        spin in their barriers), and on the caller's threads when none is busy (the end of a run, a model
+        slower than its decoders, a single chunk). Compiled CPU code keeps the thread count it was compiled
+        with, so inductor always runs on the caller's threads.
         """
         start, chunk, tasks = pending.popleft()
-        behind = not all(task.done() for task in tasks)
         clips = self._collect(chunk, tasks)
         names = [None if isinstance(x, Clip) else str(x) for x in chunk]
         threads = torch.get_num_threads()
-        if self.device.type == "cpu":
-            torch.set_num_threads(model_threads(threads, self.num_workers, behind))
         try:
+            if self.device.type == "cpu" and self.engine.backend != "inductor":
+                busy = sum(not task.done() for _, _, later in pending for task in later)
+                torch.set_num_threads(model_threads(threads, min(busy, max(self.num_workers, 1))))
             return self.batch.classify(names, clips, start=start, explain_dir=explain_dir)
         finally:
             torch.set_num_threads(threads)

@@ -137,10 +137,10 @@ def inference_view(model: AVGN, keep: tuple[str, ...]) -> AVGN:
     A stage then carries (and exports) only the weights it uses, while the model's ``is not None``
     checks, which encode its configuration, still hold. The conv backbones it keeps are copies with
     their batch norms folded into the convs (``fold_batch_norms``: in eval mode, 20 % of the tiny
-    model's CPU time went to the norms); every other tensor is shared with ``model``, so a stage
-    built from a model sees the backbones' weights as they were then. The training-only auxiliary
-    heads are always dropped (``ExportedProgram.module()`` also cannot rebuild a module whose
-    submodule path holds the keyword ``global``, one of their names).
+    model's CPU time went to the norms); every other tensor is shared with ``model``. A stage built from
+    a model therefore keeps the backbones' weights of that moment: build a new engine after training on.
+    The training-only auxiliary heads are always dropped (``ExportedProgram.module()`` also cannot
+    rebuild a module whose submodule path holds the keyword ``global``, one of their names).
     """
     view = copy.copy(model)
     view._modules = {name: (fold_batch_norms(m) if m is not None and name in FOLDED else m) if name in keep or m is None

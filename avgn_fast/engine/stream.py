@@ -52,6 +52,9 @@ class WindowRunner:
         # an exported folder runs its stages as exported: its windows are classified whole, nothing shared
         self.shares = isinstance(self.model, AVGN) and self.model.visual is not None
         self.outputs = self.model.stage_io["glance"][1] if self.shares else ()
+        # the glance encoders as the engine's glance stage runs them (norms folded), so a window's features are
+        # the ones ``predict`` computes for the same frames
+        self.encoders = batch.engine.stages["glance"].model if self.shares else None
         # without the clip's spectral mean a frame's audio features are its own too: shared like the visual ones
         self.shares_audio = self.shares and "audio" in self.outputs and not self.model.config.audio_clip_mean
         shared = ("visual glance encoder", "audio encoder") if self.shares_audio else ("visual glance encoder",)
@@ -117,10 +120,11 @@ class WindowRunner:
             for i in range(0, len(new), _ENCODE_CHUNK):
                 chunk = new[i:i + _ENCODE_CHUNK]
                 frames = torch.stack([s.frame for s in chunk])[None].to(device)
-                tokens, visual = self.model.encode_visual(frames)
+                tokens, visual = self.encoders.encode_visual(frames)
                 if self.shares_audio:  # as heard (present): a window without audio multiplies them by 0 below
                     mel = torch.stack([s.mel for s in chunk])[None].to(device, torch.float32)
-                    audio_tokens, audio = self.model.encode_audio(mel, torch.ones(1, dtype=torch.bool, device=device))
+                    audio_tokens, audio = self.encoders.encode_audio(mel, torch.ones(1, dtype=torch.bool,
+                                                                                     device=device))
                 for j, s in enumerate(chunk):
                     s.features = {"visual": visual[0, j]} | ({"tokens": tokens[0, j]} if tokens is not None else {})
                     if self.shares_audio:
@@ -134,7 +138,7 @@ class WindowRunner:
             elif "audio" in self.outputs:
                 mel = torch.stack([torch.stack([s.mel for s in w.samples]) for w in windows]).to(device, torch.float32)
                 present = torch.tensor([w.audio_present for w in windows], device=device)
-                audio["audio_tokens"], audio["audio"] = self.model.encode_audio(mel, present)
+                audio["audio_tokens"], audio["audio"] = self.encoders.encode_audio(mel, present)
         glance = []
         for b, w in enumerate(windows):
             features = {name: torch.stack([s.features[name] for s in w.samples]) for name in ("tokens", "visual")

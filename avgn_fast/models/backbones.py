@@ -46,8 +46,9 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
 
     The conv takes the norm's eval-mode affine map into its weight and bias, and the norm becomes an
     ``nn.Identity``: one op instead of two, the same function up to float rounding. The pairs are a
-    Sequential's neighbours and a block's ``convN``/``bnN`` (every backbone here); ``module`` itself is
-    left as it is.
+    Sequential's neighbours and the ``convN``/``bnN`` of this module's ResNet blocks and stem (whose forward
+    applies each norm right after its conv); a norm without running statistics stays. ``module`` itself
+    is left as it is.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -56,10 +57,13 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
         children = dict(m.named_children())
         names = list(children)
         pairs = list(zip(names, names[1:])) if isinstance(m, nn.Sequential) else \
-            [(f"conv{i}", f"bn{i}") for i in range(1, 4) if f"conv{i}" in children]
+            [(f"conv{i}", f"bn{i}") for i in range(1, 4) if f"conv{i}" in children] \
+            if isinstance(m, (BasicBlock, Bottleneck, ResNet)) else []
         for conv, norm in pairs:
-            if isinstance(children[conv], nn.Conv2d) and isinstance(children.get(norm), nn.BatchNorm2d):
-                setattr(m, conv, fuse_conv_bn_eval(children[conv], children[norm]))
+            bn = children.get(norm)
+            if isinstance(children[conv], nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
+                    and bn.running_mean is not None:
+                setattr(m, conv, fuse_conv_bn_eval(children[conv], bn))
                 setattr(m, norm, nn.Identity())
     return folded
 
