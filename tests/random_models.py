@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from avgn_fast.engine.stages import FOLDED, random_inputs
+from avgn_fast.engine.stages import inference_view, random_inputs
 from avgn_fast.models.avgn import AVGN
-from avgn_fast.models.backbones import fold_batch_norms
 
 
 def random_model(config, seed: int = 0, *, exits: bool = False, live_audio: bool = False) -> AVGN:
@@ -42,11 +39,8 @@ def random_model(config, seed: int = 0, *, exits: bool = False, live_audio: bool
 
 
 def folded(model: AVGN) -> AVGN:
-    """A copy of ``model`` with its conv backbones' batch norms folded into their convs, as the engine's stages run
-    them: the reference where a comparison expects the engine's own float rounding (an ill-conditioned random model
-    moves by more than the float32 tolerance between the folded and the unfolded sums)."""
-    out = copy.deepcopy(model)
-    for name in FOLDED:
-        if getattr(out, name) is not None:
-            setattr(out, name, fold_batch_norms(getattr(out, name)))
-    return out
+    """``model`` with its conv backbones' batch norms folded into their convs, as the engine's stages run them (its
+    ``inference_view`` keeping every part): the reference where a comparison expects the engine's own float rounding
+    (an ill-conditioned random model moves by more than the float32 tolerance between the folded and the unfolded
+    sums)."""
+    return inference_view(model, tuple(name for name, _ in model.named_children()))

@@ -142,9 +142,17 @@ def inference_view(model: AVGN, keep: tuple[str, ...]) -> AVGN:
     The training-only auxiliary heads are always dropped (``ExportedProgram.module()`` also cannot
     rebuild a module whose submodule path holds the keyword ``global``, one of their names).
     """
+    modules = {}
+    for name, m in model._modules.items():
+        if name == "aux_heads":
+            continue
+        if m is not None and name not in keep:
+            m = nn.Module()
+        elif m is not None and name in FOLDED:
+            m = fold_batch_norms(m)
+        modules[name] = m
     view = copy.copy(model)
-    view._modules = {name: (fold_batch_norms(m) if m is not None and name in FOLDED else m) if name in keep or m is None
-                     else nn.Module() for name, m in model._modules.items() if name != "aux_heads"}
+    view._modules = modules
     return view
 
 
