@@ -256,28 +256,26 @@ def crop_patches_ref(
     ph, pw, n, out_dtype = _check_crop_args(images, centers, size, index, mean, std, out_dtype)
     src = images if index is None else images.index_select(0, index.long())
     acc = torch.float64 if images.dtype == torch.float64 else torch.float32
-    x = src.to(acc)
-    _, c, h, w = x.shape
+    _, c, h, w = src.shape
     top = centers[:, 0].to(acc) - ph / 2  # (N,)
     left = centers[:, 1].to(acc) - pw / 2
     top_floor, left_floor = top.floor(), left.floor()
     wy, wx = (top - top_floor).view(n, 1, 1, 1), (left - left_floor).view(n, 1, 1, 1)
     # clamped before the int conversion: a corner far outside stays outside instead of overflowing
-    y0 = top_floor.clamp(-ph - 2, h).long()[:, None] + torch.arange(ph, device=x.device)  # (N, ph)
-    x0 = left_floor.clamp(-pw - 2, w).long()[:, None] + torch.arange(pw, device=x.device)  # (N, pw)
-    flat = x.reshape(n, c, h * w)
-
-    def tap(yi, xi):
-        inside = ((yi >= 0) & (yi < h))[:, :, None] & ((xi >= 0) & (xi < w))[:, None, :]  # (N, ph, pw)
-        offs = yi.clamp(0, h - 1)[:, :, None] * w + xi.clamp(0, w - 1)[:, None, :]
-        vals = flat.gather(2, offs.reshape(n, 1, ph * pw).expand(n, c, ph * pw)).reshape(n, c, ph, pw)
-        return vals * inside[:, None].to(acc)
-
+    rows = top_floor.clamp(-ph - 2, h).long()[:, None] + torch.arange(ph + 1, device=src.device)  # (N, ph + 1)
+    cols = left_floor.clamp(-pw - 2, w).long()[:, None] + torch.arange(pw + 1, device=src.device)  # (N, pw + 1)
+    # the (ph + 1) × (pw + 1) window under the patch, gathered once in the source dtype (exact in acc) and
+    # zero outside the image; each of the four taps is a shifted slice of it
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    taps = (ph + 1) * (pw + 1)
+    offs = (rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]).reshape(n, 1, taps)
+    window = src.reshape(n, c, h * w).gather(2, offs.expand(n, c, taps)).view(n, c, ph + 1, pw + 1)
+    window = window.to(acc) * inside[:, None].to(acc)
     out = (
-        tap(y0, x0) * ((1 - wy) * (1 - wx))
-        + tap(y0, x0 + 1) * ((1 - wy) * wx)
-        + tap(y0 + 1, x0) * (wy * (1 - wx))
-        + tap(y0 + 1, x0 + 1) * (wy * wx)
+        window[:, :, :ph, :pw] * ((1 - wy) * (1 - wx))
+        + window[:, :, :ph, 1:] * ((1 - wy) * wx)
+        + window[:, :, 1:, :pw] * (wy * (1 - wx))
+        + window[:, :, 1:, 1:] * (wy * wx)
     )
     if mean is not None:
         out = out - mean.to(acc).view(1, c, 1, 1)

@@ -23,7 +23,7 @@ from torch import nn
 from avgn_fast.config import AVGNConfig
 from avgn_fast.data.audio import frame_params
 from avgn_fast.models.avgn import AVGN
-from avgn_fast.models.backbones import fold_batch_norms
+from avgn_fast.models.backbones import inference_copy
 
 
 class Stage(nn.Module):
@@ -128,7 +128,7 @@ class StepHeadStage(Stage):
         return self.run(args)
 
 
-FOLDED = ("visual", "audio", "local")  # the conv backbones: each stage runs them with their norms folded
+FOLDED = ("visual", "audio", "local")  # the conv backbones: each stage runs an ``inference_copy`` of them
 
 
 def inference_view(model: AVGN, keep: tuple[str, ...]) -> AVGN:
@@ -136,8 +136,9 @@ def inference_view(model: AVGN, keep: tuple[str, ...]) -> AVGN:
 
     A stage then carries (and exports) only the weights it uses, while the model's ``is not None``
     checks, which encode its configuration, still hold. The conv backbones it keeps are copies with
-    their batch norms folded into the convs (``fold_batch_norms``: in eval mode, 20 % of the tiny
-    model's CPU time went to the norms); every other tensor is shared with ``model``. A stage built from
+    their batch norms folded into the convs (in eval mode, 20 % of the tiny model's CPU time went to the
+    norms) and their 1×1 convs run as matrix products on small CPU maps (``inference_copy``); every other
+    tensor is shared with ``model``. A stage built from
     a model therefore keeps the backbones' weights of that moment: build a new engine after training on.
     The training-only auxiliary heads are always dropped (``ExportedProgram.module()`` also cannot
     rebuild a module whose submodule path holds the keyword ``global``, one of their names).
@@ -149,7 +150,7 @@ def inference_view(model: AVGN, keep: tuple[str, ...]) -> AVGN:
         if m is not None and name not in keep:
             m = nn.Module()
         elif m is not None and name in FOLDED:
-            m = fold_batch_norms(m)
+            m = inference_copy(m)
         modules[name] = m
     view = copy.copy(model)
     view._modules = modules

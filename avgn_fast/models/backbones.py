@@ -19,6 +19,8 @@ from torch import nn
 __all__ = [
     "IMAGENET_URLS",
     "fold_batch_norms",
+    "inference_copy",
+    "PointwiseConv2d",
     "BasicBlock",
     "Bottleneck",
     "MobileNetV2",
@@ -65,6 +67,41 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
                     and bn.running_mean is not None:
                 setattr(m, conv, fuse_conv_bn_eval(children[conv], bn))
                 setattr(m, norm, nn.Identity())
+    return folded
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1×1 conv (stride 1, no padding, one group) that runs as one matrix product on a small CPU map.
+
+    On a map of at most ``SMALL_MAP`` pixels per image (a backbone's last stages), oneDNN's conv
+    costs two to five times the same product through ``F.linear``: the pixels of a channels-last map
+    (or of a 1×1 map in any layout) are already the rows of a matrix, so no copy is made. Larger maps,
+    other layouts and other devices run the conv. Same weights and state_dict as the conv it replaces.
+    """
+
+    SMALL_MAP = 16  # pixels per image up to which the product beats the conv on the CPU (benchmarks/RESULTS.md)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if x.device.type != "cpu" or h * w > self.SMALL_MAP or \
+                (h * w > 1 and not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(x)
+        y = F.linear(x.permute(0, 2, 3, 1).reshape(n * h * w, c), self.weight.flatten(1), self.bias)
+        return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
+def inference_copy(module: nn.Module) -> nn.Module:
+    """``fold_batch_norms(module)`` with every plain 1×1 conv a ``PointwiseConv2d`` sharing its weights."""
+    folded = fold_batch_norms(module)
+    for m in list(folded.modules()):
+        for name, conv in m.named_children():
+            if type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) \
+                    and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 \
+                    and conv.padding_mode == "zeros":
+                pointwise = PointwiseConv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None,
+                                            device="meta")
+                pointwise.weight, pointwise.bias = conv.weight, conv.bias
+                setattr(m, name, pointwise.train(conv.training))
     return folded
 
 
