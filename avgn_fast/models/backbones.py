@@ -73,8 +73,8 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
 class PointwiseConv2d(nn.Conv2d):
     """A 1×1 conv (stride 1, no padding, one group) that runs as one matrix product on a small CPU map.
 
-    On a map of at most ``SMALL_MAP`` pixels per image (a backbone's last stages), oneDNN's conv
-    costs two to five times the same product through ``F.linear``: the pixels of a channels-last map
+    On a map of at most ``SMALL_MAP`` pixels per image (a small backbone's last stages), oneDNN's conv
+    costs up to three times the same product through ``F.linear``: the pixels of a channels-last map
     (or of a 1×1 map in any layout) are already the rows of a matrix, so no copy is made. Larger maps,
     other layouts and other devices run the conv. Same weights and state_dict as the conv it replaces.
     """
