@@ -21,9 +21,12 @@ import torch
 from media import default_wave, ramp_frames, reference_frames, write_huge_frame, write_video
 
 from avgn_fast.config import AVGNConfig
+from avgn_fast.data import pyav_backend
 from avgn_fast.data.audio import LOG_EPS, log_mel_windows
 from avgn_fast.data.clip import Clip
+from avgn_fast.data.common import DecodeParams
 from avgn_fast.data.decode import decode_clip, decode_many
+from avgn_fast.data.pyav_backend import decode_file, decode_fileobj, open_container
 
 SILENCE = math.log(LOG_EPS)
 # 48 x 64 sources at 10 fps for 2 s: shorter side 40, centre 32 x 32; 8 samples at 0.125 + 0.25 i s, never on a
@@ -123,6 +126,35 @@ def test_sizes_pixel_formats_and_rotation_match_the_reference(corpus, name):
     clip = decode(corpus[name])
     assert clip.source_size == PIXELS[name][2] and not clip.audio_present
     assert_frames_match_reference(clip, corpus[name])
+
+
+# cases whose container headers describe the streams, so FFmpeg may probe them without opening a decoder
+HEADER_ONLY = {"mp4-h264-aac", "webm-vp9-opus", "mkv-ffv1-flac", "mov-h264-aac", "odd-ffv1", "yuv444p-h264",
+               "10bit-h264", "10bit-ffv1-odd", "rotated-mov", "mkv-pcm-64ch", "mkv-flac-garbage"}
+
+
+@pytest.mark.parametrize("name", [*MATRIX, *PIXELS, "mkv-pcm-64ch", *BROKEN_AUDIO])
+def test_a_header_only_open_decodes_what_a_probing_open_does(corpus, name, monkeypatch):
+    """``open_container`` forbids the probe its decoders for mp4/mov and Matroska/WebM headers, and opens every
+    other container as FFmpeg usually does. Either way the clip (pixels, sound, times, notes) is the one decoded
+    after FFmpeg's usual probing open, from a path and from a file object (read again from its start when the
+    first open does not suffice)."""
+    import av
+
+    path = corpus[name]
+    params = DecodeParams(num_frames=T, size=SIZE, resize_shorter=SHORTER)
+    with open_container(str(path)) as container:
+        assert (container.options == {"codec_whitelist": "none"}) == (name in HEADER_ONLY), container.options
+    with open(path, "rb") as f:
+        clips = [decode_file(path, params), decode_fileobj(str(path), f, params)]
+    # the reference: the same decode after FFmpeg's own probing open, decoders and all
+    monkeypatch.setattr(pyav_backend, "open_container", lambda source: av.open(source, metadata_errors="ignore"))
+    want = decode_file(path, params)
+    for got in clips:
+        assert torch.equal(got.frames, want.frames) and torch.equal(got.mel, want.mel)
+        assert torch.equal(got.frame_times, want.frame_times) and got.notes == want.notes
+        assert (got.audio_present, got.source_size, got.fps, got.duration) == \
+            (want.audio_present, want.source_size, want.fps, want.duration)
 
 
 @pytest.mark.parametrize("name", list(LOSSLESS))
