@@ -2,7 +2,8 @@
 
 The host does per file only what DALI cannot: demux the video stream for the frame timestamps
 (``VideoProbe``, which picks the same frames as the ``pyav`` backend), decode one frame for the display
-rotation, and decode + resample the audio with PyAV (DALI reads no audio from mp4). One pipeline run
+rotation, and decode + resample the audio with PyAV (DALI reads no audio from mp4), opening the file as the
+``pyav`` backend does (``pyav_backend.open_container``). One pipeline run
 then handles a batch: ``fn.decoders.video`` decodes exactly the sampled frame indices from the file
 bytes ('mixed' backend: NVDEC), ``fn.resize`` scales them (linear, antialiased) to the shape the
 ``pyav`` backend uses, and ``fn.spectrogram`` -> ``fn.mel_filter_bank`` -> ``log`` make the log-mel.
@@ -54,6 +55,7 @@ from avgn_fast.data.common import (
     frame_geometry,
 )
 from avgn_fast.data.pyav_audio import read_audio
+from avgn_fast.data.pyav_backend import open_container
 from avgn_fast.data.pyav_streams import PacketReader, probe_video
 
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder handles
@@ -101,15 +103,13 @@ def decode_batch(paths, params: DecodeParams, *, device_id: int | None,
 
 
 def _prepare(path, params: DecodeParams, device_id: int | None) -> _Prepared:
-    import av
-
     check_file(path)
     size = os.path.getsize(path)
     if size > MAX_FILE_BYTES:
         raise DecodeError(path, f"{size:,} bytes is over the DALI reader's limit of {MAX_FILE_BYTES:,} bytes (it "
                                 "reads whole files into memory); use the pyav backend")
     stats = DecodeStats()
-    with decoding(path), av.open(str(path), metadata_errors="ignore") as container:
+    with decoding(path), open_container(str(path)) as container:
         probe = probe_video(container, path)
         stream = container.streams.best("video")
         check_pixels(path, stream.codec_context.width, stream.codec_context.height, params.max_pixels)
