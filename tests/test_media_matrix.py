@@ -157,6 +157,22 @@ def test_a_header_only_open_decodes_what_a_probing_open_does(corpus, name, monke
             (want.audio_present, want.source_size, want.fps, want.duration)
 
 
+@pytest.mark.parametrize("name, suffix, header_only", [("mp4-h264-aac", ".avi", False), ("ts-h264-mp2", ".mp4", False),
+                                                       ("mkv-ffv1-flac", ".webm", True)])
+def test_a_misnamed_file_is_opened_by_what_it_holds(corpus, tmp_path, name, suffix, header_only):
+    """The header-only open is tried on names like mp4/mov/mkv/webm only; what decides is the container inside: an mp4
+    named .avi is opened the usual way at once, an MPEG-TS named .mp4 again after its header-only open. Either
+    way the clip is the one decoded from the file under its own name."""
+    misnamed = tmp_path / f"{name}{suffix}"
+    misnamed.write_bytes(corpus[name].read_bytes())
+    with open_container(str(misnamed)) as container:
+        assert (container.options == {"codec_whitelist": "none"}) == header_only, container.options
+    params = DecodeParams(num_frames=T, size=SIZE, resize_shorter=SHORTER)
+    got, want = decode_file(misnamed, params), decode_file(corpus[name], params)
+    assert torch.equal(got.frames, want.frames) and torch.equal(got.mel, want.mel)
+    assert torch.equal(got.frame_times, want.frame_times) and got.notes == want.notes
+
+
 @pytest.mark.parametrize("name", list(LOSSLESS))
 def test_lossless_audio_is_the_written_wave_downmixed(corpus, name):
     """64 unordered channels are averaged like mono or any other layout (each channel has its own tones, so
