@@ -2,7 +2,8 @@
 
 Per file of ``bench_decode.MEDIA``, grouped by file so the table's ratio columns read against the
 codec's floor: our decode, PyAV decoding every video frame (the floor), every video and audio frame,
-and DALI's CPU reader (skipped where it cannot read the codec). Then the naive per-file loop and the Predictor of
+the least a decoder of every frame returning the model's input spends (``BoundParts``), and DALI's CPU
+reader (skipped where it cannot read the codec). Then the naive per-file loop and the Predictor of
 ``bench_predictor`` on a few AVSynth videos, grouped together. Save a run with
 ``--benchmark-save=NAME`` (or ``--benchmark-autosave``; runs go to ``.benchmarks/``) and compare a
 later one with ``--benchmark-compare``. The normal test run collects only ``tests/`` and passes
@@ -52,6 +53,16 @@ def test_decode_floor_with_audio(benchmark, decode_media, name):
     benchmark.group = f"decode {name}"
     video, audio = timed(benchmark, bench_decode.decode_floor_av, decode_media[name])
     assert video == MEDIA[name].frames and audio > 0
+
+@pytest.mark.parametrize("name", list(MEDIA))
+def test_decode_bound(benchmark, decode_media, name):
+    """(e): every frame of both streams, opened from the headers, plus the least work on the model's side."""
+    m = MEDIA[name]
+    benchmark.group = f"decode {name}"
+    bound = bench_decode.BoundParts(decode_media[name], m.config)
+    timed(benchmark, bound.run)
+    assert len(bound.frames) == bench_decode.decode_kwargs(m.config)["num_frames"] and bound.wave.numel() > 0
+
 
 @pytest.mark.parametrize("name", list(MEDIA))
 def test_decode_dali_cpu(benchmark, decode_media, name):
