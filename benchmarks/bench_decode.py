@@ -144,12 +144,15 @@ def decode_floor(path: Path) -> int:
         return sum(1 for _ in container.decode(stream))
 
 
-def decode_floor_av(path: Path) -> tuple[int, int]:
+def decode_floor_av(path: Path, headers_only: bool = False) -> tuple[int, int]:
     """(d): (b) plus every frame of the first audio stream, one codec thread each and no conversion: the
-    least a decoder that returns the sound too must spend; returns the (video, audio) frame counts."""
+    least a decoder that returns the sound too must spend; returns the (video, audio) frame counts. With
+    ``headers_only`` the file is opened as our decoder opens it (``open_container``), else with a plain ``av.open``."""
     import av
 
-    with av.open(str(path)) as container:
+    from avgn_fast.data.pyav_backend import open_container
+
+    with (open_container if headers_only else av.open)(str(path)) as container:
         video, audio = container.streams.video[0], container.streams.audio[0]
         video.thread_count = audio.thread_count = 1
         counts = {video.index: 0, audio.index: 0}
@@ -160,62 +163,53 @@ def decode_floor_av(path: Path) -> tuple[int, int]:
 
 class BoundParts:
     """(e): the least any decoder returning the model's input spends, as parts timed apart and summed: (d), the file
-    opened from its headers (``open_container``); then, on inputs decoded beforehand, the sampled frames converted
-    by swscale's cheapest bilinear (no accurate rounding), the mono audio resampled to the model's rate
-    (``decimate``, else libswresample) and its windows' log-mel. No bookkeeping and no Python per frame beyond
-    PyAV's loop: a floor for this stack (PyAV, numpy, torch), not a design."""
+    opened from its headers (``open_container``); then, on inputs decoded beforehand, the frames ``VideoProbe``
+    samples converted by swscale's cheapest bilinear (no accurate rounding), the mono audio resampled to the
+    model's rate (``decimate``: every file of ``MEDIA`` is at the model's rate or a whole multiple of it) and its
+    windows' log-mel. No bookkeeping and no Python per frame beyond PyAV's loop: a floor for this stack (PyAV,
+    numpy, torch), not a design."""
 
     def __init__(self, path: Path, config_name: str):
         import av
+        from av.video.reformatter import VideoReformatter
 
         from avgn_fast.data.pyav_audio import mono_samples
+        from avgn_fast.data.pyav_streams import probe_video
 
         self.path, self.kw = path, decode_kwargs(config_name)
-        t = self.kw["num_frames"]
         with av.open(str(path)) as container:
-            n = sum(1 for p in container.demux(video=0) if p.size)
+            probe = probe_video(container, path)
+            times, indices = probe.sample(self.kw["num_frames"])
             container.seek(0)
-            chosen = {int((i + 0.5) * n / t) for i in range(t)}
+            chosen = set(indices)
             self.frames = [f for i, f in enumerate(container.decode(video=0)) if i in chosen]
             container.seek(0)
             audio = list(container.decode(audio=0))
+        self.centers = [t - probe.start_s for t in times]
         self.rate, self.mono = audio[0].sample_rate, mono_samples(audio)
-        self.centers = [(i + 0.5) * self.mono.size / self.rate / t for i in range(t)]
+        self.reformatter = VideoReformatter()
         self.wave = self.resample()
 
     def floor(self) -> None:
-        from avgn_fast.data.pyav_backend import open_container
-
-        with open_container(str(self.path)) as container:
-            video, audio = container.streams.video[0], container.streams.audio[0]
-            video.thread_count = audio.thread_count = 1
-            for packet in container.demux(video, audio):
-                packet.decode()
+        decode_floor_av(self.path, headers_only=True)
 
     def convert(self) -> None:
-        from av.video.reformatter import Interpolation, VideoReformatter
+        from av.video.reformatter import Interpolation
 
         from avgn_fast.data.common import frame_geometry
 
-        reformatter = VideoReformatter()
         for frame in self.frames:
             _, _, (h, w) = frame_geometry(frame.rotation, frame.height, frame.width, self.kw["resize_shorter"])
-            reformatter.reformat(frame, width=w, height=h, format="gbrp", interpolation=Interpolation.BILINEAR,
-                                 threads=1)
+            self.reformatter.reformat(frame, width=w, height=h, format="gbrp", interpolation=Interpolation.BILINEAR,
+                                      threads=1)
 
     def resample(self) -> torch.Tensor:
-        import av
-
         from avgn_fast.data.decimate import decimate
 
         sr = self.kw["sample_rate"]
         out = self.mono if self.rate == sr else decimate(self.mono, self.rate, sr)
         if out is None:
-            signal = av.AudioFrame.from_ndarray(self.mono.reshape(1, -1), format="flt", layout="mono")
-            signal.sample_rate = self.rate
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
-            return torch.cat([torch.from_numpy(o.to_ndarray().reshape(-1))
-                              for o in (*resampler.resample(signal), *resampler.resample(None))])
+            raise ValueError(f"{self.path}: {self.rate} Hz is not a whole multiple of the model's {sr} Hz")
         return torch.from_numpy(out)
 
     def log_mel(self) -> None:

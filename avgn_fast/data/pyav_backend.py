@@ -31,6 +31,7 @@ permission errors marked ``transient``).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import os
 import threading
@@ -135,10 +136,8 @@ def open_container(source):
 
     container = None
     if str(getattr(source, "name", source)).lower().endswith(HEADER_SUFFIXES):
-        try:
+        with contextlib.suppress(av.FFmpegError):  # refused header-only: opened the usual way below
             container = av.open(source, metadata_errors="ignore", options=_HEADERS_ONLY)
-        except av.FFmpegError:
-            pass
     if container is not None and _headers_suffice(container):
         return container
     if container is not None:
